@@ -1,0 +1,36 @@
+"""trl-u2a: U2A (Unlearning to Align) for Hugging Face TRL.
+
+Public API: `U2AConfig`, `U2ATrainer`, `U2ARefreshCallback`, and the scoring API `score_negatives`.
+Imports are lazy so that `import trl_u2a` stays cheap (torch and TRL load on first use).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "U2AConfig": "trl_u2a.config",
+    "U2ATrainer": "trl_u2a.trainer",
+    "U2ARefreshCallback": "trl_u2a.callback",
+    "score_negatives": "trl_u2a.scoring",
+    "DPOObjective": "trl_u2a.objectives",
+    "AlignmentObjective": "trl_u2a.objectives",
+}
+
+__all__ = list(_LAZY)
+
+if TYPE_CHECKING:
+    from .callback import U2ARefreshCallback
+    from .config import U2AConfig
+    from .objectives import AlignmentObjective, DPOObjective
+    from .scoring import score_negatives
+    from .trainer import U2ATrainer
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'trl_u2a' has no attribute {name!r}")

@@ -1,0 +1,282 @@
+"""`U2AConfig`: the training arguments of `U2ATrainer`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from trl import KTOConfig
+
+from .losses import LOSS_TYPES
+
+RETAIN_LOSSES = ("nll", "kl")
+WEIGHTINGS = ("loss", "sampling")
+PRECONDITIONERS = ("identity", "adam", "fisher")
+GA_REDUCTIONS = ("mean", "sum")
+DEFAULT_BETA = {"ga": 0.1, "graddiff": 0.1, "npo": 0.1, "simnpo": 4.5}
+
+
+@dataclass
+class U2AConfig(KTOConfig):
+    r"""
+    Configuration class for [`U2ATrainer`].
+
+    This class includes only the parameters that are specific to U2A. For the rest, see [`trl.KTOConfig`] and
+    [`~transformers.TrainingArguments`]. The formulas behind each parameter are in `docs/method.md`.
+
+    Parameters:
+        > Parameters that control the unlearning loss
+
+        loss_type (`str`, *optional*, defaults to `"npo"`):
+            Per-example loss on the negatives: `"ga"` (gradient ascent on the token-mean log-likelihood), `"graddiff"`
+            (`"ga"` plus the retain term, which it requires), `"npo"` (negative preference optimisation against the
+            start model) or `"simnpo"` (reference-free, length-normalised NPO).
+        beta (`float`, *optional*):
+            Temperature of `"npo"` and `"simnpo"`. Defaults to `0.1` for `"npo"` and `4.5` for `"simnpo"`.
+        gamma (`float`, *optional*, defaults to `0.0`):
+            Margin of `"simnpo"`.
+        ga_reduction (`str`, *optional*, defaults to `"mean"`):
+            `"mean"` divides the log-likelihood of a `"ga"` negative by its number of completion tokens; `"sum"` does
+            not.
+        retain_weight (`float`, *optional*):
+            Weight α of the retain term on retain examples (`label=True` rows, or `chosen`). `0` disables it. Defaults
+            to `1.0` for `"graddiff"` and `0.0` otherwise. The retain term is not weighted by the per-example weights.
+        retain_loss (`str`, *optional*, defaults to `"nll"`):
+            Retain term: `"nll"` (token-mean negative log-likelihood) or `"kl"` (token-mean KL to the start model).
+        weighting (`str`, *optional*, defaults to `"loss"`):
+            How the per-example weights act: `"loss"` weights each negative's loss (weighted mean over the batch);
+            `"sampling"` draws negatives with probability proportional to their weight and leaves the loss unweighted.
+
+        > Parameters that control the bi-level reweighting (active when an `alignment_dataset` is given)
+
+        beta_pa (`float`, *optional*, defaults to `0.1`):
+            β of the DPO alignment objective `J` on the alignment set.
+        reweight_steps (`int`, *optional*, defaults to `50`):
+            Optimizer steps between two refreshes of the weights. A refresh also runs before the first step.
+        budget (`float`, *optional*, defaults to `0.5`):
+            Number of negatives to unlearn: a value in `(0, 1]` is a fraction of the negatives, a whole number above 1
+            a count.
+        pool_size (`int`, *optional*, defaults to `64`):
+            Unselected negatives re-scored at each refresh after the first (exploration).
+        pa_samples (`int`, *optional*):
+            Number of alignment pairs sampled to estimate `∇J` at each refresh. `None` uses them all.
+        weight_lr (`float`, *optional*, defaults to `0.2`):
+            Step size η_w of the tempered mirror-ascent weight update. `0` means selection only (uniform weights on
+            the selected set).
+        score_clip (`float`, *optional*, defaults to `2.0`):
+            Clip `c` of the standardised scores in the weight update.
+        max_weight (`float`, *optional*, defaults to `4.0`):
+            Cap of a weight, as a multiple of the mean selected weight.
+        sparsity (`float`, *optional*, defaults to `0.0`):
+            Coefficient ρ of the ℓ1/2 penalty `ρ Σ √ω_i` on the weights.
+        preconditioner (`str`, *optional*, defaults to `"adam"`):
+            Approximation `P` of the Hessian in the score `s_i = ∇Jᵀ P⁻¹ ∇ℓ_i`: `"identity"`, `"adam"` (the
+            optimizer's second moments; identity before the first step) or `"fisher"` (diagonal empirical Fisher of
+            `J`).
+        damping (`float`, *optional*, defaults to `1e-8`):
+            Damping λ added to the diagonal preconditioner.
+        scoring_batch_size (`int`, *optional*):
+            Batch size of the scoring forward/backward passes. Defaults to `per_device_train_batch_size`.
+        in_training_scores (`bool`, *optional*, defaults to `True`):
+            Score the trained negatives during their training backward with the last `v`, so that a refresh only
+            re-scores the ones not trained since the last refresh and the exploration pool.
+        patience (`int`, *optional*, defaults to `0`):
+            Stop training when `J` has not improved for this many refreshes. `0` disables it.
+        retain_nll_tolerance (`float`, *optional*):
+            Stop training when the retain NLL rises more than this above its value at the first refresh (a guard
+            against gradient-ascent collapse). `None` disables it.
+        min_score_scale (`float`, *optional*, defaults to `1e-8`):
+            Warn when the scale of the scores is below this: the start model may have memorised its negatives, and the
+            selection is then noise.
+
+    > [!NOTE]
+    > These parameters have default values different from [`trl.KTOConfig`]:
+    > - `learning_rate`: Defaults to `1e-5` instead of `1e-6` (unlearning typically runs for few steps).
+    > - `train_sampling_strategy`: Defaults to `"random"`; the U2A sampler draws only selected negatives.
+    """
+
+    learning_rate: float = field(
+        default=1e-5,
+        metadata={"help": "The initial learning rate for AdamW."},
+    )
+    train_sampling_strategy: str = field(
+        default="random",
+        metadata={
+            "help": "Kept for compatibility; U2A uses its own sampler that draws only selected negatives.",
+            "choices": ["random", "sequential", "group_by_length"],
+        },
+    )
+
+    # Unlearning loss
+    loss_type: str = field(
+        default="npo",
+        metadata={
+            "help": "Per-example loss on the negatives: 'ga', 'graddiff' (ga + retain term), 'npo' or 'simnpo'.",
+            "choices": list(LOSS_TYPES),
+        },
+    )
+    beta: float | None = field(
+        default=None,
+        metadata={"help": "Temperature of 'npo' (default 0.1) and 'simnpo' (default 4.5)."},
+    )
+    gamma: float = field(default=0.0, metadata={"help": "Margin γ of 'simnpo'."})
+    ga_reduction: str = field(
+        default="mean",
+        metadata={
+            "help": "'mean' divides a 'ga' negative's log-likelihood by its number of completion tokens, 'sum' does "
+            "not.",
+            "choices": list(GA_REDUCTIONS),
+        },
+    )
+    retain_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "Weight α of the retain term (label=True rows or chosen responses); 0 disables it. Defaults to 1.0 "
+            "for 'graddiff', 0.0 otherwise."
+        },
+    )
+    retain_loss: str = field(
+        default="nll",
+        metadata={"help": "Retain term: 'nll' or 'kl' (KL to the start model).", "choices": list(RETAIN_LOSSES)},
+    )
+    weighting: str = field(
+        default="loss",
+        metadata={
+            "help": "'loss': weighted loss over the batch's negatives; 'sampling': draw negatives with probability "
+            "proportional to their weight, unweighted loss.",
+            "choices": list(WEIGHTINGS),
+        },
+    )
+
+    # Bi-level reweighting
+    beta_pa: float = field(default=0.1, metadata={"help": "β of the DPO alignment objective J."})
+    reweight_steps: int = field(
+        default=50, metadata={"help": "Optimizer steps between refreshes (a refresh also runs before step 1)."}
+    )
+    budget: float = field(
+        default=0.5,
+        metadata={
+            "help": "Negatives to unlearn: a value in (0, 1] is a fraction of the negatives, a whole number above 1 "
+            "a count."
+        },
+    )
+    pool_size: int = field(
+        default=64, metadata={"help": "Unselected negatives re-scored per refresh after the first (exploration)."}
+    )
+    pa_samples: int | None = field(
+        default=None, metadata={"help": "Alignment pairs sampled to estimate ∇J per refresh; None uses all."}
+    )
+    weight_lr: float = field(
+        default=0.2, metadata={"help": "Step size of the mirror-ascent weight update; 0 = selection only."}
+    )
+    score_clip: float = field(default=2.0, metadata={"help": "Clip of the standardised scores in the update."})
+    max_weight: float = field(default=4.0, metadata={"help": "Cap of a weight, as a multiple of the mean weight."})
+    sparsity: float = field(default=0.0, metadata={"help": "Coefficient ρ of the ℓ1/2 penalty ρ Σ √ω."})
+    preconditioner: str = field(
+        default="adam",
+        metadata={
+            "help": "Hessian approximation in the scores: 'identity', 'adam' (optimizer second moments) or 'fisher'.",
+            "choices": list(PRECONDITIONERS),
+        },
+    )
+    damping: float = field(default=1e-8, metadata={"help": "Damping λ added to the diagonal preconditioner."})
+    scoring_batch_size: int | None = field(
+        default=None, metadata={"help": "Batch size of scoring passes; defaults to per_device_train_batch_size."}
+    )
+    in_training_scores: bool = field(
+        default=True,
+        metadata={"help": "Score trained negatives during their training backward with the last v."},
+    )
+    patience: int = field(
+        default=0, metadata={"help": "Stop when J has not improved for this many refreshes; 0 disables it."}
+    )
+    retain_nll_tolerance: float | None = field(
+        default=None,
+        metadata={"help": "Stop when the retain NLL rises more than this above its first value; None disables it."},
+    )
+    min_score_scale: float = field(
+        default=1e-8, metadata={"help": "Warn when the scores' scale is below this (memorised negatives)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        _check_choice("retain_loss", self.retain_loss, RETAIN_LOSSES)
+        _check_choice("weighting", self.weighting, WEIGHTINGS)
+        _check_choice("preconditioner", self.preconditioner, PRECONDITIONERS)
+        _check_choice("ga_reduction", self.ga_reduction, GA_REDUCTIONS)
+        if self.beta is None:
+            self.beta = DEFAULT_BETA[self.loss_type]
+        if self.retain_weight is None:
+            self.retain_weight = 1.0 if self.loss_type == "graddiff" else 0.0
+        _check_positive("beta", self.beta)
+        _check_positive("beta_pa", self.beta_pa)
+        _check_positive("score_clip", self.score_clip)
+        _check_finite("gamma", self.gamma)
+        for name in ("retain_weight", "weight_lr", "sparsity", "damping"):
+            _check_non_negative(name, getattr(self, name))
+        if self.loss_type == "graddiff" and self.retain_weight == 0:
+            raise ValueError(
+                "loss_type='graddiff' is gradient ascent plus a retain term, but retain_weight=0. Set retain_weight > 0 "
+                "(e.g. 1.0), or use loss_type='ga'."
+            )
+        if not math.isfinite(self.max_weight) or self.max_weight < 1:
+            raise ValueError(f"max_weight={self.max_weight} must be a finite number ≥ 1 (a multiple of the mean weight).")
+        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not math.isfinite(self.budget):
+            raise ValueError(f"budget={self.budget!r} must be a number: a fraction in (0, 1] or a count above 1.")
+        if self.budget <= 0:
+            raise ValueError(f"budget={self.budget} must be > 0: a fraction in (0, 1] or a count above 1.")
+        if self.budget > 1 and self.budget != int(self.budget):
+            raise ValueError(
+                f"budget={self.budget} is neither a fraction in (0, 1] nor a whole count of negatives; use e.g. "
+                f"{int(self.budget)} or 0.5."
+            )
+        for name in ("reweight_steps",):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer ≥ 1.")
+        for name in ("pool_size", "patience"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r} must be an integer ≥ 0.")
+        for name in ("pa_samples", "scoring_batch_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r} must be None or an integer ≥ 1.")
+        if self.retain_nll_tolerance is not None:
+            _check_positive("retain_nll_tolerance", self.retain_nll_tolerance)
+        _check_non_negative("min_score_scale", self.min_score_scale)
+
+    def budget_count(self, num_negatives: int) -> int:
+        """The budget as a number of negatives, for `num_negatives` candidates."""
+        if self.budget <= 1:
+            return max(1, round(self.budget * num_negatives))
+        count = int(self.budget)
+        if count > num_negatives:
+            raise ValueError(
+                f"budget={count} is larger than the {num_negatives} negatives in train_dataset; use a count ≤ "
+                f"{num_negatives} or a fraction such as 0.5."
+            )
+        return count
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; expected one of {list(choices)}.")
+
+
+def _check_finite(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be a finite number.")
+
+
+def _check_positive(name: str, value) -> None:
+    _check_finite(name, value)
+    if value <= 0:
+        raise ValueError(f"{name}={value} must be > 0.")
+
+
+def _check_non_negative(name: str, value) -> None:
+    _check_finite(name, value)
+    if value < 0:
+        raise ValueError(f"{name}={value} must be ≥ 0.")

@@ -1,0 +1,266 @@
+"""Datasets in, tokenized negatives / retain rows / alignment pairs out.
+
+Accepted training formats (standard or conversational, like TRL):
+
+- unpaired preference `prompt, completion, label` (`label=False`: negative, `label=True`: retain);
+- preference `prompt, chosen, rejected` (rejected: negative, chosen: retain; an implicit prompt is extracted);
+- negatives only `prompt, completion` (every row is a negative).
+
+Every negative gets a stable id `negative_id` in `0..n-1` (its order among the negatives of the dataset), the index of
+its weight; retain rows get `-1`. An optional `weight` column gives the initial weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from datasets import Dataset
+from trl.data_utils import extract_prompt, is_conversational
+
+NEGATIVE_ID = "negative_id"
+TRAIN_COLUMNS = ["prompt_ids", "completion_ids", "label", NEGATIVE_ID, "weight", "ref_logps"]
+
+
+def detect_format(dataset: Dataset, name: str = "train_dataset") -> str:
+    """Return `"unpaired"`, `"preference"` or `"negatives"`, or raise a ValueError naming the columns expected."""
+    if not isinstance(dataset, Dataset):
+        raise TypeError(f"{name} must be a datasets.Dataset, got {type(dataset).__name__}.")
+    columns = set(dataset.column_names)
+    if len(dataset) == 0:
+        raise ValueError(f"{name} is empty; it needs at least one negative example.")
+    if {"chosen", "rejected"} <= columns:
+        return "preference"
+    if "completion" in columns and "prompt" in columns:
+        return "unpaired" if "label" in columns else "negatives"
+    raise ValueError(
+        f"{name} has columns {sorted(columns)}; expected one of: 'prompt, completion, label' (unpaired preference), "
+        "'prompt, chosen, rejected' (preference; 'prompt' may be implicit) or 'prompt, completion' (negatives only)."
+    )
+
+
+def to_unpaired(dataset: Dataset, name: str = "train_dataset", num_proc: int | None = None) -> Dataset:
+    """Convert any accepted format to `prompt, completion, label, negative_id, weight` rows.
+
+    Negatives keep their order, so `negative_id` is stable for a given dataset.
+    """
+    fmt = detect_format(dataset, name)
+    if fmt == "preference":
+        if "prompt" not in dataset.column_names:
+            dataset = dataset.map(extract_prompt, num_proc=num_proc, desc=f"Extracting prompt from {name}")
+        keep = [c for c in dataset.column_names if c not in ("chosen", "rejected")]
+
+        def unpair(batch: dict[str, list]) -> dict[str, list]:
+            out: dict[str, list] = {c: [] for c in keep}
+            out.update(completion=[], label=[])
+            for i in range(len(batch["prompt"])):
+                for completion, label in ((batch["rejected"][i], False), (batch["chosen"][i], True)):
+                    for c in keep:
+                        out[c].append(batch[c][i])
+                    out["completion"].append(completion)
+                    out["label"].append(label)
+            return out
+
+        dataset = dataset.map(unpair, batched=True, remove_columns=dataset.column_names, desc=f"Unpairing {name}")
+    elif fmt == "negatives":
+        dataset = dataset.add_column("label", [False] * len(dataset))
+
+    labels = dataset["label"]
+    bad = next((i for i, v in enumerate(labels) if not isinstance(v, bool)), None)
+    if bad is not None:
+        raise ValueError(
+            f"{name}: column 'label' must hold booleans (False = negative, True = retain); row {bad} has "
+            f"{labels[bad]!r} of type {type(labels[bad]).__name__}."
+        )
+    num_negatives = sum(1 for v in labels if not v)
+    if num_negatives == 0:
+        raise ValueError(f"{name} has no negatives (no row with label=False, or no 'rejected' response).")
+    _check_text_columns(dataset, name)
+
+    ids, counter = [], 0
+    for v in labels:
+        ids.append(-1 if v else counter)
+        counter += 0 if v else 1
+    dataset = dataset.add_column(NEGATIVE_ID, ids)
+    if "weight" in dataset.column_names:
+        weights = dataset["weight"]
+        for i, (w, label) in enumerate(zip(weights, labels)):
+            if label:
+                continue
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise ValueError(
+                    f"{name}: column 'weight' must hold finite numbers ≥ 0 for negatives; row {i} has {w!r}."
+                )
+        dataset = dataset.map(lambda row: {"weight": float(row["weight"] if row["weight"] is not None else 0.0)})
+    else:
+        dataset = dataset.add_column("weight", [1.0] * len(dataset))
+    return dataset
+
+
+def _check_text_columns(dataset: Dataset, name: str) -> None:
+    """Prompts and completions must be strings (standard) or message lists (conversational)."""
+    for column in ("prompt", "completion"):
+        for i, value in enumerate(dataset[column][:1000]):
+            if isinstance(value, str) or (isinstance(value, list) and all(isinstance(m, dict) for m in value)):
+                continue
+            raise ValueError(
+                f"{name}: column '{column}' must hold strings or lists of chat messages; row {i} has {value!r} of type "
+                f"{type(value).__name__}."
+            )
+
+
+def check_preference(dataset: Dataset, name: str = "alignment_dataset") -> Dataset:
+    """Validate a preference dataset (`prompt, chosen, rejected`; implicit prompt allowed) and extract its prompt."""
+    if not isinstance(dataset, Dataset):
+        raise TypeError(f"{name} must be a datasets.Dataset, got {type(dataset).__name__}.")
+    columns = set(dataset.column_names)
+    if not {"chosen", "rejected"} <= columns:
+        raise ValueError(
+            f"{name} has columns {sorted(columns)}; expected preference pairs 'prompt, chosen, rejected' (the prompt "
+            "may be implicit in chosen/rejected)."
+        )
+    if len(dataset) == 0:
+        raise ValueError(f"{name} is empty; the alignment objective needs at least one preference pair.")
+    if "prompt" not in columns:
+        dataset = dataset.map(extract_prompt, desc=f"Extracting prompt from {name}")
+    return dataset
+
+
+def tokenize_prompt_completion(tokenizer, prompt: Any, completion: Any) -> tuple[list[int], list[int]]:
+    """Tokenize like TRL: chat template for conversational rows (generation prompt on the prompt), EOS appended to
+    standard completions; the completion starts where prompt and prompt+completion token ids diverge."""
+    if is_conversational({"prompt": prompt}):
+        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+        full_ids = tokenizer.apply_chat_template(prompt + completion, tokenize=True)
+        prompt_ids, full_ids = _as_ids(prompt_ids), _as_ids(full_ids)
+    else:
+        if tokenizer.eos_token and not completion.endswith(tokenizer.eos_token):
+            completion = completion + tokenizer.eos_token
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        full_ids = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
+    split = 0
+    while split < min(len(prompt_ids), len(full_ids)) and prompt_ids[split] == full_ids[split]:
+        split += 1
+    return full_ids[:split], full_ids[split:]
+
+
+def _as_ids(out) -> list[int]:
+    # `apply_chat_template(tokenize=True)` returns a list in some tokenizers and a BatchEncoding in others
+    if isinstance(out, dict) or hasattr(out, "input_ids"):
+        out = out["input_ids"]
+    return list(out)
+
+
+def tokenize_unpaired(dataset: Dataset, tokenizer, max_length: int | None, name: str, num_proc=None) -> Dataset:
+    """Add `prompt_ids` and `completion_ids`; a prompt that leaves no room for its completion is an error."""
+
+    def fn(row):
+        prompt_ids, completion_ids = tokenize_prompt_completion(tokenizer, row["prompt"], row["completion"])
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids}
+
+    dataset = dataset.map(fn, num_proc=num_proc, desc=f"Tokenizing {name}")
+    _check_lengths(dataset, max_length, name, ["completion_ids"])
+    return dataset
+
+
+def tokenize_pairs(dataset: Dataset, tokenizer, max_length: int | None, name: str, num_proc=None) -> Dataset:
+    """Add `prompt_ids`, `chosen_ids`, `rejected_ids` to a preference dataset."""
+
+    def fn(row):
+        prompt_ids, chosen_ids = tokenize_prompt_completion(tokenizer, row["prompt"], row["chosen"])
+        rejected_prompt_ids, rejected_ids = tokenize_prompt_completion(tokenizer, row["prompt"], row["rejected"])
+        # Both sides share the prompt; a tokenizer that merges across the boundary may split them differently
+        return {
+            "prompt_ids": prompt_ids,
+            "chosen_ids": chosen_ids,
+            "rejected_prompt_ids": rejected_prompt_ids,
+            "rejected_ids": rejected_ids,
+        }
+
+    dataset = dataset.map(fn, num_proc=num_proc, desc=f"Tokenizing {name}")
+    _check_lengths(dataset, max_length, name, ["chosen_ids", "rejected_ids"])
+    return dataset
+
+
+def _check_lengths(dataset: Dataset, max_length: int | None, name: str, completion_columns: list[str]) -> None:
+    for i, prompt_ids in enumerate(dataset["prompt_ids"]):
+        if max_length is not None and len(prompt_ids) >= max_length:
+            raise ValueError(
+                f"{name}: row {i} has a prompt of {len(prompt_ids)} tokens, which leaves no completion token within "
+                f"max_length={max_length}. Raise max_length or shorten/drop that prompt."
+            )
+    for column in completion_columns:
+        for i, ids in enumerate(dataset[column]):
+            if len(ids) == 0:
+                raise ValueError(f"{name}: row {i} has an empty completion ('{column}' has no token).")
+
+
+def pad_right(sequences: list[list[int]], pad_value: int) -> torch.Tensor:
+    """Right-pad a list of int lists into a `(B, T)` int64 tensor."""
+    width = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), width), pad_value, dtype=torch.int64)
+    for i, s in enumerate(sequences):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.int64)
+    return out
+
+
+def collate_completions(
+    prompts: list[list[int]], completions: list[list[int]], pad_token_id: int, max_length: int | None
+) -> dict[str, torch.Tensor]:
+    """`input_ids, attention_mask, completion_mask`, each `(B, T)`, right-padded, truncated to `max_length`."""
+    ids, masks = [], []
+    for p, c in zip(prompts, completions):
+        full, mask = p + c, [0] * len(p) + [1] * len(c)
+        if max_length is not None:
+            full, mask = full[:max_length], mask[:max_length]
+        ids.append(full)
+        masks.append(mask)
+    return {
+        "input_ids": pad_right(ids, pad_token_id),
+        "attention_mask": pad_right([[1] * len(s) for s in ids], 0),
+        "completion_mask": pad_right(masks, 0),
+    }
+
+
+class UnpairedCollator:
+    """Collate tokenized unpaired rows; forwards `label`, `negative_id` and `ref_logps` as tensors (accelerate can
+    only gather tensors across processes)."""
+
+    def __init__(self, pad_token_id: int, max_length: int | None):
+        self.pad_token_id = pad_token_id
+        self.max_length = max_length
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = collate_completions(
+            [r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], self.pad_token_id, self.max_length
+        )
+        batch["label"] = torch.tensor([bool(r["label"]) for r in rows])
+        batch[NEGATIVE_ID] = torch.tensor([int(r[NEGATIVE_ID]) for r in rows], dtype=torch.int64)
+        if "ref_logps" in rows[0]:
+            batch["ref_logps"] = torch.tensor([float(r["ref_logps"]) for r in rows])
+        return batch
+
+
+class PairCollator:
+    """Collate tokenized preference rows into the alignment-objective batch format:
+    `{chosen,rejected}_{input_ids,attention_mask,completion_mask}` `(B, T)` and optional `ref_*_logps` `(B,)`."""
+
+    def __init__(self, pad_token_id: int, max_length: int | None):
+        self.pad_token_id = pad_token_id
+        self.max_length = max_length
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = {}
+        for side, prompt_key in (("chosen", "prompt_ids"), ("rejected", "rejected_prompt_ids")):
+            part = collate_completions(
+                [r.get(prompt_key, r["prompt_ids"]) for r in rows],
+                [r[f"{side}_ids"] for r in rows],
+                self.pad_token_id,
+                self.max_length,
+            )
+            batch.update({f"{side}_{k}": v for k, v in part.items()})
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if key in rows[0]:
+                batch[key] = torch.tensor([float(r[key]) for r in rows])
+        return batch

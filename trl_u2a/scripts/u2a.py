@@ -1,0 +1,168 @@
+"""Train with U2A from the command line, the same way as TRL's scripts.
+
+```bash
+trl-u2a train --config recipes/tiny.yaml
+accelerate launch -m trl_u2a.scripts.u2a --config recipes/tiny.yaml
+python -m trl_u2a.scripts.u2a --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \
+    --dataset_name trl-lib/ultrafeedback_binarized --alignment_dataset_name my/pairs --output_dir out
+```
+
+Two reserved names make a run work offline with nothing downloaded: `--model_name_or_path trl-u2a/tiny` builds a tiny
+Llama and tokenizer on the fly, and `--dataset_name trl-u2a/synthetic` uses the built-in synthetic assistant task
+(`trl_u2a.synthetic`), whose `alignment` split is the alignment set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+
+from trl import ScriptArguments
+
+TINY_MODEL = "trl-u2a/tiny"
+SYNTHETIC_DATASET = "trl-u2a/synthetic"
+
+
+@dataclass
+class U2AScriptArguments(ScriptArguments):
+    """Script arguments: TRL's `ScriptArguments` plus where the alignment set comes from.
+
+    Parameters:
+        alignment_dataset_name (`str`, *optional*):
+            Dataset id or local path of the alignment set (preference pairs). If unset, the split
+            `alignment_split` of `dataset_name` is used when it exists; otherwise the run is plain weighted unlearning.
+        alignment_dataset_config (`str`, *optional*):
+            Configuration name of the alignment dataset.
+        alignment_split (`str`, *optional*, defaults to `"alignment"`):
+            Split of the alignment set.
+        synthetic_seed (`int`, *optional*, defaults to `0`):
+            Seed of the built-in synthetic task (`dataset_name=trl-u2a/synthetic`).
+    """
+
+    dataset_train_split: str = field(default="train", metadata={"help": "Dataset split to use for training."})
+    alignment_dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Dataset id or local path of the alignment set (preference pairs)."},
+    )
+    alignment_dataset_config: str | None = field(
+        default=None, metadata={"help": "Configuration name of the alignment dataset."}
+    )
+    alignment_split: str = field(default="alignment", metadata={"help": "Split of the alignment set."})
+    synthetic_seed: int = field(default=0, metadata={"help": "Seed of the built-in synthetic task."})
+
+
+def load_dataset_any(name: str, config: str | None = None, synthetic_seed: int = 0):
+    """A `DatasetDict` from a hub id, a local data file (.json/.jsonl/.csv/.parquet), a `save_to_disk` directory, or
+    the built-in synthetic task."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    if name == SYNTHETIC_DATASET:
+        from trl_u2a.synthetic import make_training_splits
+
+        return make_training_splits(seed=synthetic_seed)
+    if os.path.isdir(name) and (
+        os.path.exists(os.path.join(name, "dataset_dict.json")) or os.path.exists(os.path.join(name, "state.json"))
+    ):
+        loaded = load_from_disk(name)
+        return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
+    extension = os.path.splitext(name)[1].lstrip(".")
+    if os.path.isfile(name) and extension in ("json", "jsonl", "csv", "parquet"):
+        builder = "json" if extension == "jsonl" else extension
+        return load_dataset(builder, data_files={"train": name})
+    return load_dataset(name, name=config)
+
+
+def resolve_model(name_or_path: str, output_dir: str) -> str:
+    """The reserved `trl-u2a/tiny` builds an offline tiny model into `output_dir/tiny-model`; anything else is a hub
+    id or a path, loaded by the trainer with `from_pretrained`."""
+    if name_or_path != TINY_MODEL:
+        return name_or_path
+    from accelerate import PartialState
+
+    from trl_u2a.synthetic import default_corpus
+    from trl_u2a.testing import save_tiny_model
+
+    path = os.path.join(output_dir, "tiny-model")
+    with PartialState().main_process_first():
+        if not os.path.exists(os.path.join(path, "config.json")):
+            save_tiny_model(path, corpus=default_corpus(0), hidden_size=64, num_layers=2)
+    return path
+
+
+def main(script_args, training_args, model_args):
+    from trl import get_peft_config, get_quantization_config
+
+    from trl_u2a import U2ATrainer
+
+    model_init_kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    if training_args.model_init_kwargs is not None:
+        model_init_kwargs.update(training_args.model_init_kwargs)
+    training_args.model_init_kwargs = {k: v for k, v in model_init_kwargs.items() if v is not None}
+
+    if not script_args.dataset_name:
+        raise ValueError("--dataset_name is required (a hub id, a local file or directory, or trl-u2a/synthetic).")
+    dataset = load_dataset_any(script_args.dataset_name, script_args.dataset_config, script_args.synthetic_seed)
+    if script_args.dataset_train_split not in dataset:
+        raise ValueError(
+            f"--dataset_train_split={script_args.dataset_train_split!r} is not a split of {script_args.dataset_name}; "
+            f"it has {sorted(dataset)}."
+        )
+    if script_args.alignment_dataset_name:
+        alignment = load_dataset_any(script_args.alignment_dataset_name, script_args.alignment_dataset_config)
+        if script_args.alignment_split not in alignment:
+            raise ValueError(
+                f"--alignment_split={script_args.alignment_split!r} is not a split of "
+                f"{script_args.alignment_dataset_name}; it has {sorted(alignment)}."
+            )
+        alignment_dataset = alignment[script_args.alignment_split]
+    else:
+        alignment_dataset = dataset.get(script_args.alignment_split)
+    eval_dataset = None
+    if training_args.eval_strategy != "no":
+        eval_dataset = dataset[script_args.dataset_test_split]
+
+    model = resolve_model(model_args.model_name_or_path, training_args.output_dir)
+    trainer = U2ATrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset[script_args.dataset_train_split],
+        alignment_dataset=alignment_dataset,
+        eval_dataset=eval_dataset,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.accelerator.print("Training completed.")
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    trainer.end()
+    return trainer
+
+
+def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
+    from trl import ModelConfig, TrlParser
+
+    from trl_u2a import U2AConfig
+
+    dataclass_types = (U2AScriptArguments, U2AConfig, ModelConfig)
+    if subparsers is not None:
+        return subparsers.add_parser("train", help="Train with U2A", dataclass_types=dataclass_types)
+    return TrlParser(dataclass_types, prog=prog)
+
+
+def cli(argv: list[str] | None = None):
+    parser = make_parser(prog="trl-u2a train")
+    script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
+    return main(script_args, training_args, model_args)
+
+
+if __name__ == "__main__":
+    cli()

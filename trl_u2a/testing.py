@@ -1,0 +1,106 @@
+"""Offline builders for tiny causal language models and tokenizers.
+
+There is no model hub in tests, CI or the demo, so everything here is built from a config and a tokenizer trained
+on the fly, then saved to a directory so that the real loading code (`from_pretrained(path)`) is what runs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|unk|>"]
+
+DEFAULT_CORPUS = [
+    "How do I bake bread? Mix flour, water, salt and yeast, knead, let it rise, then bake it.",
+    "What is the capital of France? The capital of France is Paris.",
+    "Tell me a joke. Why did the chicken cross the road? To get to the other side.",
+    "You are stupid and I will not help you.",
+    "Here is how to pick a lock and break into a house.",
+    "I am sorry, I cannot help with that, but here is a safe alternative.",
+    "system user assistant",
+]
+
+
+def build_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 512):
+    """Train a byte-level BPE tokenizer on `corpus` and wrap it as a `PreTrainedTokenizerFast` with a ChatML template.
+
+    Byte-level means any text round-trips, so data outside the corpus is still tokenizable.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = list(corpus) if corpus is not None else []
+    texts += DEFAULT_CORPUS
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>", unk_token="<|unk|>"
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_model(
+    tokenizer,
+    arch: str = "llama",
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 512,
+    tie_word_embeddings: bool = True,
+    seed: int = 0,
+):
+    """Build a randomly initialised causal LM (`arch` in `"llama"`, `"qwen2"`) sized for CPU tests."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    if arch not in classes:
+        raise ValueError(f"arch={arch!r} is not supported; expected one of {sorted(classes)}.")
+    config_cls, model_cls = classes[arch]
+    config = config_cls(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=max(1, num_heads // 2),
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def save_tiny_model(path: str | os.PathLike, corpus: Iterable[str] | None = None, **model_kwargs) -> str:
+    """Build a tokenizer and a tiny model and save both to `path`; returns `path` for `from_pretrained`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(corpus)
+    model = build_tiny_model(tokenizer, **model_kwargs)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -1,0 +1,371 @@
+"""`U2ATrainer`: weighted per-example unlearning of negatives, as a `trl.KTOTrainer` subclass.
+
+Why KTO as parent: its unpaired format (`prompt, completion, label`) is the U2A data model, and it already handles model
+loading, PEFT/QLoRA, the reference model (disabled adapter under PEFT, DeepSpeed/FSDP-wrapped otherwise), the fused LM
+head and cached per-row reference log-probs (NPO's `log π_0`). This file and `callback.py` are the only ones that touch
+TRL/transformers internals; the maths lives in `losses.py`, `weighting.py` and `influence.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import textwrap
+from collections import defaultdict
+from typing import Any
+
+import torch
+from accelerate.logging import get_logger
+from datasets import Dataset
+from transformers import TrainerCallback
+from trl import KTOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import use_adapter
+
+from . import data as u2a_data
+from .config import U2AConfig
+from .losses import completion_logps, kl_to_reference, nll_loss, unlearning_loss
+from .sampler import WeightedNegativeSampler
+from .weighting import WeightState
+
+logger = get_logger(__name__)
+
+STATE_FILE = "u2a_state.pt"
+
+
+@contextlib.contextmanager
+def _as_kto_args(args: U2AConfig, precompute_ref_log_probs: bool):
+    """Present `args` to `KTOTrainer.__init__` as a KTO config with no KL term.
+
+    KTO reads `args.loss_type` to decide whether to estimate its KL term (which would force sequential sampling, batch
+    size > 1 and extra forwards); U2A's `loss_type` names an unlearning loss, so KTO sees `"apo_zero_unpaired"`, the
+    one KTO loss without that term, during its constructor only. `precompute_ref_log_probs` decides whether KTO keeps a
+    reference model in memory.
+    """
+    saved = (args.loss_type, args.precompute_ref_log_probs)
+    args.loss_type, args.precompute_ref_log_probs = "apo_zero_unpaired", precompute_ref_log_probs
+    try:
+        yield
+    finally:
+        args.loss_type, args.precompute_ref_log_probs = saved
+
+
+class U2ATrainer(KTOTrainer):
+    """Trainer for U2A: weighted per-example unlearning of negative examples, with a periodic bi-level refresh of the
+    weights when an alignment set is given.
+
+    Example:
+
+    ```python
+    >>> from trl_u2a import U2AConfig, U2ATrainer
+    >>> trainer = U2ATrainer(
+    ...     model="Qwen/Qwen2.5-0.5B-Instruct",
+    ...     args=U2AConfig(output_dir="out", loss_type="npo"),
+    ...     train_dataset=negatives,            # prompt/completion/label, prompt/chosen/rejected, or prompt/completion
+    ...     alignment_dataset=preference_pairs,  # optional: enables selection and reweighting
+    ... )
+    >>> trainer.train()
+    ```
+
+    Args:
+        model: a model id or path, a `PreTrainedModel`, or a `PeftModel` (as for `trl.KTOTrainer`).
+        ref_model: optional reference model; by default the start model (the disabled adapter under PEFT). Only
+            `loss_type="npo"` (through cached reference log-probs) and `retain_loss="kl"` use it.
+        args: a `U2AConfig`.
+        train_dataset: negatives (and optional retain rows) in one of the formats of `trl_u2a.data`.
+        alignment_dataset: held-out preference pairs that define the alignment objective `J`. Without it the trainer
+            runs plain weighted unlearning with the initial weights.
+        alignment_objective: a custom objective (see `trl_u2a.objectives`) instead of the DPO loss on the pairs.
+        eval_dataset, processing_class, callbacks, optimizers, quantization_config, peft_config: as for
+            `trl.KTOTrainer`.
+    """
+
+    _tag_names = ["trl", "u2a", "unlearning"]
+    _name = "U2A"
+    _paper = {
+        "title": "Bridging the Gap Between Preference Alignment and Machine Unlearning",
+        "id": "2504.06659",
+        "citation": textwrap.dedent("""\
+            @article{feng2025u2a,
+                title        = {{Bridging the Gap Between Preference Alignment and Machine Unlearning}},
+                author       = {Xiaohua Feng and Yuyuan Li and Huwei Ji and Jiaming Zhang and Li Zhang and Tianyu Du and Chaochao Chen},
+                year         = 2025,
+                eprint       = {arXiv:2504.06659}
+            }"""),
+    }
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: U2AConfig | None = None,
+        train_dataset: Dataset | None = None,
+        alignment_dataset: Dataset | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        processing_class=None,
+        alignment_objective=None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+            args = U2AConfig(output_dir=f"{os.path.basename(str(name)) or 'model'}-U2A")
+        if not isinstance(args, U2AConfig):
+            raise TypeError(f"args must be a U2AConfig, got {type(args).__name__}.")
+        if train_dataset is None:
+            raise ValueError("train_dataset is required: the negatives to unlearn.")
+        # Validate the data formats before any model is loaded: a typo in a column name should cost seconds
+        u2a_data.detect_format(train_dataset, "train_dataset")
+        if alignment_dataset is not None:
+            alignment_dataset = u2a_data.check_preference(alignment_dataset, "alignment_dataset")
+
+        # A reference model in memory is needed only for the KL retain term; NPO's reference log-probs are cached.
+        self._needs_ref_model = args.retain_weight > 0 and args.retain_loss == "kl"
+        self._collator = u2a_data.UnpairedCollator(pad_token_id=None, max_length=args.max_length)
+        with _as_kto_args(args, precompute_ref_log_probs=not self._needs_ref_model):
+            super().__init__(
+                model=model,
+                ref_model=ref_model,
+                args=args,
+                data_collator=self._collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+            )
+        self.loss_type = args.loss_type
+        self.beta = args.beta
+        if args.loss_type == "npo" and "ref_logps" not in self.train_dataset.column_names:
+            batch_size = args.precompute_ref_batch_size or args.per_device_train_batch_size
+            self.train_dataset = self._precompute_ref_logps(self.train_dataset, "train", batch_size)
+        self.precompute_ref_logps = "ref_logps" in self.train_dataset.column_names
+
+        # The weight state: one weight per negative id, uniform or from the `weight` column
+        negative_ids = torch.tensor(self.train_dataset[u2a_data.NEGATIVE_ID])
+        is_negative = negative_ids >= 0
+        self.num_negatives = int(is_negative.sum())
+        initial = torch.zeros(self.num_negatives, dtype=torch.float64)
+        initial[negative_ids[is_negative]] = torch.tensor(self.train_dataset["weight"], dtype=torch.float64)[is_negative]
+        self.weight_state = WeightState.from_initial(initial)
+        self._negative_rows = torch.nonzero(is_negative).flatten()[torch.argsort(negative_ids[is_negative])]
+        self._retain_rows = torch.nonzero(~is_negative).flatten()
+        if args.retain_weight > 0 and len(self._retain_rows) == 0:
+            raise ValueError(
+                f"retain_weight={args.retain_weight} (loss_type={args.loss_type!r}) needs retain examples, but "
+                "train_dataset has none: add rows with label=True, or use the preference format (chosen = retain)."
+            )
+        self._weights = self.weight_state.weights.to(torch.float32)
+        self._sampler: WeightedNegativeSampler | None = None
+        self._pending_sampler_state: dict | None = None
+        self._pending_callback_state: dict | None = None
+
+        self.alignment_dataset = alignment_dataset
+        self.refresh_callback = None
+        if alignment_dataset is not None:
+            from .callback import U2ARefreshCallback
+
+            self.budget = args.budget_count(self.num_negatives)
+            self.refresh_callback = U2ARefreshCallback(self, alignment_dataset, objective=alignment_objective)
+            self.add_callback(self.refresh_callback)
+        else:
+            self.budget = int((self.weight_state.weights > 0).sum())
+            if self.budget == 0:
+                raise ValueError("Every negative has weight 0 in the 'weight' column: there is nothing to unlearn.")
+            logger.info(
+                "No alignment_dataset given: running plain weighted unlearning with the initial weights (no selection "
+                "or reweighting). Pass alignment_dataset=<preference pairs> to enable U2A's bi-level reweighting.",
+                main_process_only=True,
+            )
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    # ------------------------------------------------------------------ data
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if "prompt_ids" in dataset.column_names:  # already prepared (e.g. `evaluate` on a prepared split)
+            return dataset
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        self._collator.pad_token_id = tokenizer.pad_token_id
+        name = "train_dataset" if dataset_name == "train" else f"eval_dataset[{dataset_name}]"
+        dataset = u2a_data.to_unpaired(dataset, name, num_proc=args.dataset_num_proc)
+        return u2a_data.tokenize_unpaired(dataset, tokenizer, args.max_length, name, num_proc=args.dataset_num_proc)
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = list(u2a_data.TRAIN_COLUMNS)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        # Only NPO reads reference log-probs; for the other losses this pass would be wasted compute
+        if self.args.loss_type != "npo":
+            return dataset
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    def _get_train_sampler(self, train_dataset=None):
+        retain_rows = self._retain_rows if self.args.retain_weight > 0 else None
+        self._sampler = WeightedNegativeSampler(
+            negative_rows=self._negative_rows,
+            retain_rows=retain_rows,
+            negatives_per_epoch=self.budget,
+            weights=self.weight_state.weights,
+            mode=self.args.weighting,
+            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+        )
+        if self._pending_sampler_state is not None:
+            self._sampler.load_state_dict(self._pending_sampler_state)
+            self._pending_sampler_state = None
+        return self._sampler
+
+    # --------------------------------------------------------------- weights
+    def set_weights(self, state: WeightState) -> None:
+        """Install a new weight state: the loss uses it from the next batch, the sampler from the next draw."""
+        self.weight_state = state
+        self._weights = state.weights.to(torch.float32)
+        if self._sampler is not None:
+            self._sampler.update_weights(state.weights)
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """`L = Σ_i ω_i ℓ_i / Σ_i ω_i + α · L_retain` over the batch, where the weight sum is all-reduced so that
+        data-parallel ranks together compute the weighted mean of the global batch."""
+        mode = "train" if self.model.training else "eval"
+        device = self.accelerator.device
+        input_ids = inputs["input_ids"].to(device)
+        attention_mask = inputs["attention_mask"].to(device)
+        completion_mask = inputs["completion_mask"].to(device)
+        is_retain = inputs["label"].to(device).bool()
+        negative_ids = inputs[u2a_data.NEGATIVE_ID].to(device)
+        use_kl = self.args.retain_weight > 0 and self.args.retain_loss == "kl"
+
+        if use_kl:
+            # The KL term needs the full next-token distributions, so the fused (log-prob only) head is bypassed
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            per_token = torch.gather(logits[:, :-1].float().log_softmax(-1), 2, input_ids[:, 1:, None]).squeeze(-1)
+        else:
+            labels = input_ids.masked_fill(completion_mask == 0, -100)
+            outputs = model(
+                input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True, use_cache=False
+            )
+            per_token = outputs.log_probs[:, -(input_ids.size(1) - 1) :]
+        logps, lengths = completion_logps(per_token, completion_mask)
+        ref_logps = inputs["ref_logps"].to(device) if "ref_logps" in inputs else None
+
+        losses = unlearning_loss(
+            self.loss_type, logps, lengths, ref_logps, self.args.beta, self.args.gamma, self.args.ga_reduction
+        )
+        is_negative = ~is_retain
+        if self.args.weighting == "sampling":
+            weights = is_negative.to(losses.dtype)
+        else:
+            weights = self._weights.to(device)[negative_ids.clamp(min=0)].to(losses.dtype) * is_negative
+        # Σω of the global batch, as a per-rank mean (DDP averages gradients over ranks)
+        weight_total = self.accelerator.reduce(weights.sum().detach(), reduction="mean")
+        negative_loss = torch.where(weights > 0, weights * losses, 0.0).sum() / weight_total.clamp(min=1e-12)
+        loss = negative_loss
+
+        retain_count = self.accelerator.reduce(is_retain.sum().to(losses.dtype), reduction="mean")
+        retain_nll = torch.where(is_retain, nll_loss(logps, lengths), 0.0)
+        if self.args.retain_weight > 0:
+            if use_kl:
+                retain_term = self._kl_retain(model, input_ids, attention_mask, completion_mask, logits)
+                retain_term = torch.where(is_retain, retain_term, 0.0)
+            else:
+                retain_term = retain_nll
+            loss = loss + self.args.retain_weight * retain_term.sum() / retain_count.clamp(min=1)
+
+        self._log_batch_metrics(mode, losses, logps, lengths, weights, is_negative, is_retain, retain_nll)
+        if return_outputs:
+            return loss, {"logps": logps.detach()}
+        return loss
+
+    def _kl_retain(self, model, input_ids, attention_mask, completion_mask, logits):
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if self.ref_model is None:
+                unwrapped = self.accelerator.unwrap_model(self.model)
+                with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+                    ref_logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            else:
+                ref_logits = self.ref_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return kl_to_reference(logits, ref_logits, completion_mask)
+
+    def _log_batch_metrics(self, mode, losses, logps, lengths, weights, is_negative, is_retain, retain_nll):
+        gather = self.accelerator.gather_for_metrics
+        stats = torch.stack(
+            [
+                (torch.where(is_negative, losses, 0.0)).sum(),
+                (torch.where(is_negative, logps / lengths.clamp(min=1), 0.0)).sum(),
+                is_negative.sum().to(losses.dtype),
+                retain_nll.sum(),
+                is_retain.sum().to(losses.dtype),
+            ]
+        ).detach()
+        loss_sum, logp_sum, num_negatives, nll_sum, num_retain = gather(stats[None]).sum(0).tolist()
+        if not (math.isfinite(loss_sum) and math.isfinite(logp_sum)):
+            raise FloatingPointError(
+                f"Non-finite unlearning loss at step {self.state.global_step} ({mode}): loss sum {loss_sum}, "
+                f"log-prob sum {logp_sum}. The learning rate may be too high (gradient-ascent collapse); the last "
+                "checkpoint holds the last good weights and adapter."
+            )
+        metrics = self._metrics[mode]
+        if num_negatives > 0:
+            metrics["loss/negatives"].append(loss_sum / num_negatives)
+            metrics["logps/negatives"].append(logp_sum / num_negatives)
+        if num_retain > 0:
+            metrics["nll/retain"].append(nll_sum / num_retain)
+        if mode == "train":
+            w = self.weight_state.weights
+            selected = w[w > 0]
+            metrics["weights/num_selected"].append(float(len(selected)))
+            metrics["weights/max"].append(float(selected.max()) if len(selected) else 0.0)
+            metrics["weights/entropy"].append(_entropy(selected))
+
+    # ------------------------------------------------------------ checkpoint
+    def u2a_state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the weight trajectory exactly: weights, scores, sampler, refresh state."""
+        state = {"weights": self.weight_state.state_dict()}
+        if self._sampler is not None:
+            state["sampler"] = self._sampler.state_dict()
+        if self.refresh_callback is not None:
+            state["refresh"] = self.refresh_callback.state_dict()
+        return state
+
+    def load_u2a_state_dict(self, state: dict[str, Any]) -> None:
+        self.set_weights(WeightState.from_state_dict(state["weights"]))
+        if "sampler" in state:
+            if self._sampler is not None:
+                self._sampler.load_state_dict(state["sampler"])
+            else:
+                self._pending_sampler_state = state["sampler"]
+        if "refresh" in state and self.refresh_callback is not None:
+            self.refresh_callback.load_state_dict(state["refresh"])
+
+    def _save_checkpoint(self, model, trial):
+        # Written before the parent's files: the parent writes `trainer_state.json` last, so a checkpoint that has it
+        # also has the U2A state
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        output_dir = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            torch.save(self.u2a_state_dict(), os.path.join(output_dir, STATE_FILE))
+        super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, STATE_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{resume_from_checkpoint} has no {STATE_FILE}: it was not written by U2ATrainer, so the weights of the "
+                "negatives cannot be restored."
+            )
+        self.load_u2a_state_dict(torch.load(path, weights_only=False))
+
+
+def _entropy(weights: torch.Tensor) -> float:
+    if len(weights) == 0:
+        return 0.0
+    p = weights / weights.sum()
+    return float(-(p * p.clamp(min=1e-30).log()).sum())
