@@ -111,9 +111,7 @@ def test_training_lowers_negative_logps(tiny_model_path, tokenizer, tmp_path, pr
     assert mean_logp() < before - 1.0
 
 
-def test_conversational_preference_lora_save_and_reload(
-    tiny_model_path, tmp_path, conversational_preference_dataset
-):
+def test_conversational_preference_lora_save_and_reload(tiny_model_path, tmp_path, conversational_preference_dataset):
     from peft import AutoPeftModelForCausalLM, LoraConfig
 
     trainer = U2ATrainer(

@@ -79,7 +79,9 @@ class U2AConfig(KTOConfig):
             Batch size of the scoring forward/backward passes. Defaults to `per_device_train_batch_size`.
         in_training_scores (`bool`, *optional*, defaults to `True`):
             Score the trained negatives during their training backward with the last `v`, so that a refresh only
-            re-scores the ones not trained since the last refresh and the exploration pool.
+            re-scores the ones not trained since the last refresh and the exploration pool. Used when the output
+            embedding is frozen (PEFT/QLoRA); with a trainable LM head TRL's fused head bypasses the module, so
+            every refresh rescores instead.
         patience (`int`, *optional*, defaults to `0`):
             Stop training when `J` has not improved for this many refreshes. `0` disables it.
         retain_nll_tolerance (`float`, *optional*):
@@ -221,8 +223,14 @@ class U2AConfig(KTOConfig):
                 "(e.g. 1.0), or use loss_type='ga'."
             )
         if not math.isfinite(self.max_weight) or self.max_weight < 1:
-            raise ValueError(f"max_weight={self.max_weight} must be a finite number ≥ 1 (a multiple of the mean weight).")
-        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not math.isfinite(self.budget):
+            raise ValueError(
+                f"max_weight={self.max_weight} must be a finite number ≥ 1 (a multiple of the mean weight)."
+            )
+        if (
+            isinstance(self.budget, bool)
+            or not isinstance(self.budget, (int, float))
+            or not math.isfinite(self.budget)
+        ):
             raise ValueError(f"budget={self.budget!r} must be a number: a fraction in (0, 1] or a count above 1.")
         if self.budget <= 0:
             raise ValueError(f"budget={self.budget} must be > 0: a fraction in (0, 1] or a count above 1.")

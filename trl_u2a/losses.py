@@ -73,9 +73,7 @@ def unlearning_loss(
     raise ValueError(f"loss_type={loss_type!r} is not supported; expected one of {LOSS_TYPES}.")
 
 
-def kl_to_reference(
-    logits: torch.Tensor, ref_logits: torch.Tensor, completion_mask: torch.Tensor
-) -> torch.Tensor:
+def kl_to_reference(logits: torch.Tensor, ref_logits: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
     """Token-mean `KL(π_θ ‖ π_0)` over each example's completion positions, the KL retain term.
 
     Args:

@@ -5,7 +5,11 @@ for the current epoch, from which draw index each weight version applies. That m
 
 - identical on every data-parallel rank (each rank draws the same global sequence and accelerate takes its shard),
 - exact on resume: the table is saved in checkpoints, so replaying the skipped batches reproduces the same draws,
-- insensitive to the dataloader's prefetch: a new weight version applies from the draw count at refresh time.
+- insensitive to the dataloader's prefetch and to the rank: a new weight version applies from the first global-batch
+  boundary at or after the draw count at refresh time. Under data parallelism accelerate has every rank iterate the
+  same sampler and keep every `num_processes`-th batch, so at a given step the ranks have drawn different counts, but
+  all within the same global batch; rounding up to its boundary gives every rank, and a one-process run with the same
+  global batch, the same starting draw.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ class WeightedNegativeSampler(Sampler[int]):
         mode: `"loss"` (each block is a permutation of the active negatives) or `"sampling"` (each block is drawn with
             replacement with probability ∝ ω).
         seed: base seed; blocks are seeded from `(seed, epoch, version, block)`.
+        global_batch_size: rows drawn per global micro-batch (per-device batch size × number of processes).
     """
 
     def __init__(
@@ -35,12 +40,14 @@ class WeightedNegativeSampler(Sampler[int]):
         weights: torch.Tensor,
         mode: str = "loss",
         seed: int = 0,
+        global_batch_size: int = 1,
     ):
         self.negative_rows = negative_rows.long()
         self.retain_rows = retain_rows.long() if retain_rows is not None and len(retain_rows) > 0 else None
         self.negatives_per_epoch = int(negatives_per_epoch)
         self.mode = mode
         self.seed = int(seed)
+        self.global_batch_size = int(global_batch_size)
         self.epoch = 0
         self.draws = 0  # indices yielded in the current epoch
         self._table: list[tuple[int, int, torch.Tensor]] = []  # (first draw, version, weights) in this epoch
@@ -56,10 +63,11 @@ class WeightedNegativeSampler(Sampler[int]):
         self.epoch = int(epoch)
 
     def update_weights(self, weights: torch.Tensor) -> None:
-        """New weights apply from the next index drawn (the dataloader may hold one prefetched batch)."""
+        """New weights apply from the next global batch not yet drawn (the dataloader may hold a prefetched one)."""
         self._version += 1
         self._current = weights.detach().double().clone()
-        self._table.append((self.draws, self._version, self._current))
+        start = -(-self.draws // self.global_batch_size) * self.global_batch_size
+        self._table.append((start, self._version, self._current))
 
     def __iter__(self):
         self.draws = 0

@@ -13,19 +13,22 @@ import math
 import os
 import textwrap
 from collections import defaultdict
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from accelerate.logging import get_logger
 from datasets import Dataset
+from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from trl import KTOTrainer
+from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from . import data as u2a_data
 from .config import U2AConfig
 from .losses import completion_logps, kl_to_reference, nll_loss, unlearning_loss
+from .modeling import _is_bnb_4bit as is_bnb_4bit
 from .sampler import WeightedNegativeSampler
 from .weighting import WeightState
 
@@ -81,9 +84,9 @@ class U2ATrainer(KTOTrainer):
             `trl.KTOTrainer`.
     """
 
-    _tag_names = ["trl", "u2a", "unlearning"]
+    _tag_names: ClassVar[list[str]] = ["trl", "u2a", "unlearning"]
     _name = "U2A"
-    _paper = {
+    _paper: ClassVar[dict[str, str]] = {
         "title": "Bridging the Gap Between Preference Alignment and Machine Unlearning",
         "id": "2504.06659",
         "citation": textwrap.dedent("""\
@@ -151,7 +154,9 @@ class U2ATrainer(KTOTrainer):
         is_negative = negative_ids >= 0
         self.num_negatives = int(is_negative.sum())
         initial = torch.zeros(self.num_negatives, dtype=torch.float64)
-        initial[negative_ids[is_negative]] = torch.tensor(self.train_dataset["weight"], dtype=torch.float64)[is_negative]
+        initial[negative_ids[is_negative]] = torch.tensor(self.train_dataset["weight"], dtype=torch.float64)[
+            is_negative
+        ]
         self.weight_state = WeightState.from_initial(initial)
         self._negative_rows = torch.nonzero(is_negative).flatten()[torch.argsort(negative_ids[is_negative])]
         self._retain_rows = torch.nonzero(~is_negative).flatten()
@@ -199,10 +204,42 @@ class U2ATrainer(KTOTrainer):
             self._signature_columns = list(u2a_data.TRAIN_COLUMNS)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
+        """Add the column `ref_logps = log π_0(y|x)` of every row, computed once (NPO's reference term).
+
+        Rows are sharded across processes in equal, padded chunks (ZeRO-3 needs every rank to run the same forwards)
+        and gathered in memory, so no cache file has to be shared between processes.
+        """
         # Only NPO reads reference log-probs; for the other losses this pass would be wasted compute
-        if self.args.loss_type != "npo":
+        if self.args.loss_type != "npo" or "ref_logps" in dataset.column_names:
             return dataset
-        return super()._precompute_ref_logps(dataset, name, batch_size)
+        # A bitsandbytes 4-bit layer run under no_grad in eval mode on CPU repacks its weight for inference and then
+        # drops every later gradient through it (see `modeling.eval_mode`); a freshly loaded model is in eval mode
+        for m in self.model.modules():
+            if is_bnb_4bit(m):
+                m.training = True
+        if self.ref_model is None and self.is_deepspeed_enabled:
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            model = self._precompute_engine
+        else:
+            model = self.ref_model or self.model
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        chunk = -(-len(dataset) // world)
+        rows = list(range(rank * chunk, min((rank + 1) * chunk, len(dataset))))
+        rows += [0] * (chunk - len(rows))  # padding, dropped after the gather
+        values = []
+        for start in tqdm(
+            range(0, chunk, batch_size),
+            desc=f"Computing reference log-probs of the {name} negatives",
+            disable=not self.accelerator.is_local_main_process or bool(os.environ.get("TQDM_DISABLE")),
+        ):
+            batch = self._collator([dataset[i] for i in rows[start : start + batch_size]])
+            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            values.append(self.compute_ref_log_probs(model, batch)[0].float())
+        local = torch.cat(values) if values else torch.zeros(0, device=self.accelerator.device)
+        gathered = self.accelerator.gather(local).cpu().view(world, chunk)
+        ref_logps = torch.cat([gathered[r, : max(0, min(chunk, len(dataset) - r * chunk))] for r in range(world)])
+        return dataset.add_column("ref_logps", ref_logps.tolist())
 
     def _get_train_sampler(self, train_dataset=None):
         retain_rows = self._retain_rows if self.args.retain_weight > 0 else None
@@ -213,6 +250,7 @@ class U2ATrainer(KTOTrainer):
             weights=self.weight_state.weights,
             mode=self.args.weighting,
             seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+            global_batch_size=self.args.per_device_train_batch_size * self.accelerator.num_processes,
         )
         if self._pending_sampler_state is not None:
             self._sampler.load_state_dict(self._pending_sampler_state)
@@ -276,10 +314,27 @@ class U2ATrainer(KTOTrainer):
                 retain_term = retain_nll
             loss = loss + self.args.retain_weight * retain_term.sum() / retain_count.clamp(min=1)
 
+        if mode == "train":
+            # Each row's coefficient in the loss that `training_step` backpropagates, for in-training scores
+            scale = self.accelerator.scaler.get_scale() if self.accelerator.scaler is not None else 1.0
+            self._row_coefficients = (
+                weights.detach() * scale / (weight_total.clamp(min=1e-12) * self.current_gradient_accumulation_steps)
+            )
         self._log_batch_metrics(mode, losses, logps, lengths, weights, is_negative, is_retain, retain_nll)
         if return_outputs:
             return loss, {"logps": logps.detach()}
         return loss
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        callback = self.refresh_callback
+        if callback is None or callback.ghost is None:
+            return super().training_step(model, inputs, *args, **kwargs)
+        # In-training scores: the training backward already holds each negative's output gradients
+        return callback.record_training_scores(
+            inputs[u2a_data.NEGATIVE_ID],
+            lambda: self._row_coefficients,
+            lambda: super(U2ATrainer, self).training_step(model, inputs, *args, **kwargs),
+        )
 
     def _kl_retain(self, model, input_ids, attention_mask, completion_mask, logits):
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
@@ -347,10 +402,13 @@ class U2ATrainer(KTOTrainer):
         # also has the U2A state
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-        output_dir = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        output_dir = os.path.join(
+            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        )
+        state = self.u2a_state_dict()  # on every rank: it gathers the per-rank in-training scores
         if self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
-            torch.save(self.u2a_state_dict(), os.path.join(output_dir, STATE_FILE))
+            torch.save(state, os.path.join(output_dir, STATE_FILE))
         super()._save_checkpoint(model, trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):

@@ -1,0 +1,68 @@
+"""A small U2A run for the multi-process and resume tests: writes the final weights and adapter to a JSON file.
+
+Usage: python u2a_run.py MODEL_DIR OUT_JSON PER_DEVICE_BATCH [key=value ...]  (launch with accelerate for 2 processes)
+"""
+
+import json
+import sys
+
+import torch
+from accelerate import PartialState
+from datasets import Dataset
+
+sys.path.insert(0, __file__.rsplit("/", 2)[0])
+from conftest import CHOSEN, PROMPTS, REJECTED
+
+from trl_u2a import U2AConfig, U2ATrainer
+
+
+def main():
+    model_dir, out, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    overrides = dict(kv.split("=", 1) for kv in sys.argv[4:])
+    # 7 negatives: a number the world size 2 does not divide
+    train = Dataset.from_dict({"prompt": PROMPTS + PROMPTS[:1], "completion": REJECTED + CHOSEN[:1]})
+    alignment = Dataset.from_dict({"prompt": PROMPTS[:5], "chosen": CHOSEN[:5], "rejected": REJECTED[:5]})
+    args = U2AConfig(
+        output_dir=overrides.pop("output_dir", out + ".run"),
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        per_device_train_batch_size=batch,
+        max_steps=int(overrides.pop("max_steps", 6)),
+        learning_rate=5e-3,
+        logging_steps=1,
+        max_length=64,
+        seed=0,
+        loss_type=overrides.pop("loss_type", "npo"),
+        budget=4,
+        pool_size=2,
+        reweight_steps=2,
+        preconditioner=overrides.pop("preconditioner", "adam"),
+        save_strategy=overrides.pop("save_strategy", "no"),
+        save_steps=int(overrides.pop("save_steps", 500)),
+        disable_tqdm=True,
+    )
+    resume = overrides.pop("resume", None)
+    assert not overrides, f"unknown overrides {overrides}"
+    trainer = U2ATrainer(model=model_dir, args=args, train_dataset=train, alignment_dataset=alignment)
+    trainer.train(resume_from_checkpoint=resume)
+    state = PartialState()
+    if state.is_main_process:
+        params = {n: p.detach().flatten().tolist() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        result = {
+            "distributed_type": str(state.distributed_type),
+            "num_processes": state.num_processes,
+            "backend": state.backend,
+            "weights": trainer.weight_state.weights.tolist(),
+            "selected_history": [r.get("n_selected") for r in trainer.refresh_callback.history],
+            "objective": [r["objective"] for r in trainer.refresh_callback.history],
+            "params": params,
+        }
+        with open(out, "w") as f:
+            json.dump(result, f)
+    torch.distributed.barrier() if torch.distributed.is_initialized() else None
+
+
+if __name__ == "__main__":
+    main()

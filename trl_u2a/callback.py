@@ -1,0 +1,513 @@
+"""`U2ARefreshCallback`: the periodic bi-level refresh that scores, selects and reweights the negatives.
+
+At step 0 and every `reweight_steps` optimizer steps:
+
+1. `v = P⁻¹∇J` on the alignment set (or `pa_samples` of its pairs), pairs sharded across ranks, `∇J` all-reduced;
+2. scores `s_i = ⟨v, ∇ℓ_i⟩` of the candidates: all negatives at step 0; later the selected negatives not scored during
+   training since the last refresh, plus an exploration pool of `pool_size` unselected ones; candidates are sharded
+   across ranks and the scores gathered;
+3. selection of the top-`budget` positive scores and the tempered mirror-ascent update (`weighting.refresh_weights`),
+   computed identically on every rank.
+
+Every collective runs on every rank in the same order, whatever the data. Only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import torch
+from accelerate.logging import get_logger
+from accelerate.utils import gather_object
+from transformers import TrainerCallback
+
+from . import data as u2a_data
+from .influence import (
+    GhostDotProduct,
+    compute_query,
+    make_unlearning_loss_fn,
+    score_dataset,
+    scoring_mode,
+    tracked_parameters,
+)
+from .modeling import fill_reference_logps, move_batch, sequence_logps
+from .objectives import DPOObjective, as_objective
+from .weighting import refresh_weights
+
+logger = get_logger(__name__)
+
+TRACE_FILE = "u2a_trace.jsonl"
+REFRESH_FILE = "u2a_refreshes.jsonl"
+RETAIN_SAMPLE = 64
+
+
+class U2ARefreshCallback(TrainerCallback):
+    """Runs U2A's refresh inside a `U2ATrainer`; installed by the trainer when it gets an `alignment_dataset`.
+
+    Args:
+        trainer: the `U2ATrainer` (a callback is not given the trainer by transformers, and the refresh needs its
+            model, optimizer, datasets and accelerator).
+        alignment_dataset: preference pairs (`prompt, chosen, rejected`, standard or conversational).
+        objective: a custom alignment objective (`trl_u2a.objectives`); default the DPO loss with `args.beta_pa`.
+    """
+
+    def __init__(self, trainer, alignment_dataset, objective=None):
+        args = trainer.args
+        self.trainer = trainer
+        tokenizer = trainer._tokenizer
+        self.pairs = u2a_data.tokenize_pairs(
+            alignment_dataset, tokenizer, args.max_length, "alignment_dataset", num_proc=args.dataset_num_proc
+        )
+        world = trainer.accelerator.num_processes
+        if len(self.pairs) < world:
+            raise ValueError(
+                f"alignment_dataset has {len(self.pairs)} pairs but the run has {world} processes; every process needs "
+                "at least one pair."
+            )
+        if args.pa_samples is not None and args.pa_samples > len(self.pairs):
+            raise ValueError(
+                f"pa_samples={args.pa_samples} is larger than the {len(self.pairs)} pairs of alignment_dataset; use "
+                f"pa_samples ≤ {len(self.pairs)} or None (all pairs)."
+            )
+        self.pair_collator = u2a_data.PairCollator(tokenizer.pad_token_id, args.max_length)
+        self.objective = as_objective(objective) if objective is not None else DPOObjective(args.beta_pa)
+        self.loss_fn = make_unlearning_loss_fn(args.loss_type, args.beta, args.gamma, args.ga_reduction)
+        self.batch_size = args.scoring_batch_size or args.per_device_train_batch_size
+
+        self.refresh_index = 0  # refreshes done
+        self.history: list[dict[str, Any]] = []
+        self.ref_pair_logps: torch.Tensor | None = None  # (P, 2): log π_0 of chosen and rejected
+        self.best_objective = math.inf
+        self.refreshes_without_improvement = 0
+        self.retain_nll_start: float | None = None
+        # In-training scores since the last refresh on this rank: id -> ((micro-batch, global row), score)
+        self.fresh_scores: dict[int, tuple] = {}
+        self._micro_batches = 0
+        self.query = None  # v of the last refresh
+        self.ghost: GhostDotProduct | None = None
+        self._lr_sum = 0.0
+        self._warned_no_retain = False
+        # TRL's fused LM head reads `lm_head.weight` without calling the module, so the training backward cannot see
+        # the head's share of a score; with a trainable head (full fine-tuning) every refresh rescores instead.
+        head = trainer.model.get_output_embeddings()
+        self.in_training = args.in_training_scores and not (head is not None and head.weight.requires_grad)
+        if args.in_training_scores and not self.in_training:
+            logger.info(
+                "in_training_scores is off: the output embedding is trainable and TRL's fused LM head bypasses its "
+                "module, so trained negatives are rescored at each refresh instead.",
+                main_process_only=True,
+            )
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.refresh_index == 0:
+            self.refresh(state, control)
+        elif self.in_training and self.query is not None:
+            self._attach_ghost()  # resumed: keep scoring trained negatives with the restored v
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._lr_sum += self.trainer._get_learning_rate()
+        if state.global_step % args.reweight_steps == 0 and not control.should_training_stop:
+            self.refresh(state, control)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.ghost is not None:
+            self.ghost.detach()
+            self.ghost = None
+        if self.history and self.history[-1]["step"] < state.global_step:
+            # J after the last window, so that every refresh has its realised change (no scoring: weights are final)
+            final = self._objective(state.global_step)
+            self.trainer._metrics["train"]["u2a/objective"].append(final)
+        if self.trainer.accelerator.is_main_process and self.history:
+            from .plots import plot_refreshes
+
+            plot_refreshes(self.history, os.path.join(args.output_dir, "u2a_plots"))
+
+    # ---------------------------------------------------------------- refresh
+    def refresh(self, state, control) -> dict[str, Any]:
+        """One refresh; returns its record (also appended to `history`)."""
+        trainer, args = self.trainer, self.trainer.args
+        accelerator = trainer.accelerator
+        model = accelerator.unwrap_model(trainer.model)
+        generator = torch.Generator().manual_seed(_mix(args.seed, self.refresh_index))
+        if self.ghost is not None:
+            self.ghost.detach()
+            self.ghost = None
+
+        with scoring_mode(model):
+            if self.ref_pair_logps is None and getattr(self.objective, "needs_reference", False):
+                self.ref_pair_logps = self._reference_pair_logps(model)
+            query = compute_query(
+                model,
+                self.objective,
+                self._pair_batches(model, generator),
+                preconditioner=args.preconditioner,
+                damping=args.damping,
+                optimizer=trainer.optimizer,
+            )
+            candidates, fresh_ids, fresh_scores = self._candidates(generator)
+            scores = self._score(model, query, candidates)
+            retain_nll = self._retain_nll(model)
+
+        ids = torch.cat([candidates, fresh_ids])
+        all_scores = torch.cat([scores.double(), fresh_scores])
+        record: dict[str, Any] = {
+            "refresh": self.refresh_index,
+            "step": state.global_step,
+            "objective": query.objective_value,
+            "preconditioner": query.preconditioner,
+            "num_scored": len(candidates),
+            "num_scored_in_training": len(fresh_ids),
+            "retain_nll": retain_nll,
+        }
+        if self.history:
+            previous = self.history[-1]
+            previous["objective_next"] = query.objective_value
+            previous["realised_change"] = query.objective_value - previous["objective"]
+            previous["predicted_change"] = -self._lr_sum * previous.get("predicted_gain", 0.0)
+        self._lr_sum = 0.0
+
+        finite = torch.isfinite(all_scores)
+        if not math.isfinite(query.objective_value) or not bool(finite.all()):
+            record["skipped"] = (
+                f"non-finite alignment objective ({query.objective_value}) or scores "
+                f"({int((~finite).sum())} of {len(all_scores)})"
+            )
+            logger.warning(
+                f"U2A refresh {self.refresh_index} at step {state.global_step} skipped: {record['skipped']}. The "
+                "weights stay as they were.",
+                main_process_only=True,
+            )
+        else:
+            new_state, info = refresh_weights(
+                trainer.weight_state,
+                ids,
+                all_scores,
+                trainer.budget,
+                weight_lr=args.weight_lr,
+                score_clip=args.score_clip,
+                max_weight=args.max_weight,
+                sparsity=args.sparsity,
+            )
+            trainer.set_weights(new_state)
+            record.update(info)
+            if info["score_scale"] < args.min_score_scale:
+                logger.warning(
+                    f"U2A refresh {self.refresh_index}: the scores are negligible (mean |s| = {info['score_scale']:.3g} "
+                    f"< min_score_scale={args.min_score_scale}). The model may have memorised its negatives (near-zero "
+                    "gradients), and the selection is then noise.",
+                    main_process_only=True,
+                )
+        self.query = query
+        self.fresh_scores = {}
+        if self.in_training:
+            self._attach_ghost()
+        self._log(record, ids, all_scores)
+        self._check_stop(record, control)
+        self.history.append(record)
+        self.refresh_index += 1
+        return record
+
+    def _objective(self, step: int) -> float:
+        """`J` of the current model on the alignment pairs (no gradient), recorded as the final point of `history`."""
+        trainer, accelerator = self.trainer, self.trainer.accelerator
+        model = accelerator.unwrap_model(trainer.model)
+        generator = torch.Generator().manual_seed(_mix(trainer.args.seed, self.refresh_index))
+        total = torch.zeros(2, dtype=torch.float64)
+        with scoring_mode(model), torch.no_grad():
+            for batch in self._pair_batches(model, generator):
+                losses = self.objective(model, batch)
+                total += torch.tensor([losses.double().sum().item(), len(losses)], dtype=torch.float64)
+        total = accelerator.reduce(total.to(accelerator.device), reduction="sum").cpu()
+        value = float(total[0] / total[1])
+        previous = self.history[-1]
+        previous["objective_next"] = value
+        previous["realised_change"] = value - previous["objective"]
+        previous["predicted_change"] = -self._lr_sum * previous.get("predicted_gain", 0.0)
+        self.history.append({"refresh": None, "step": step, "objective": value, "final": True})
+        if accelerator.is_main_process:
+            with open(os.path.join(trainer.args.output_dir, REFRESH_FILE), "a") as f:
+                f.write(json.dumps(self.history[-1]) + "\n")
+        return value
+
+    def _pair_batches(self, model, generator) -> list[dict]:
+        """This rank's share of the (sub-sampled) alignment pairs, collated, with their reference log-probs."""
+        accelerator = self.trainer.accelerator
+        num_pairs = len(self.pairs)
+        order = torch.arange(num_pairs)
+        if self.trainer.args.pa_samples is not None:
+            order = torch.randperm(num_pairs, generator=generator)[: self.trainer.args.pa_samples].sort().values
+        local = order[accelerator.process_index :: accelerator.num_processes].tolist()
+        batches = []
+        for start in range(0, len(local), self.batch_size):
+            rows = local[start : start + self.batch_size]
+            batch = self.pair_collator([self.pairs[i] for i in rows])
+            if self.ref_pair_logps is not None:
+                batch["ref_chosen_logps"] = self.ref_pair_logps[rows, 0]
+                batch["ref_rejected_logps"] = self.ref_pair_logps[rows, 1]
+            batches.append(move_batch(batch, _device(model)))
+        return batches
+
+    def _reference_pair_logps(self, model) -> torch.Tensor:
+        """`log π_0` of every pair's chosen and rejected completion, `(P, 2)`, computed once.
+
+        Under PEFT the start model is the model with its adapter disabled; otherwise this runs at the first refresh,
+        before any optimizer step, and is saved in checkpoints.
+        """
+        context = model.disable_adapter if hasattr(model, "disable_adapter") else None
+        batches = [
+            move_batch(
+                self.pair_collator([self.pairs[i] for i in range(s, min(s + self.batch_size, len(self.pairs)))]),
+                _device(model),
+            )
+            for s in range(0, len(self.pairs), self.batch_size)
+        ]
+        filled = fill_reference_logps(model, batches, prefixes=("chosen_", "rejected_"), reference_context=context)
+        return torch.cat([torch.stack([b["ref_chosen_logps"], b["ref_rejected_logps"]], dim=1).cpu() for b in filled])
+
+    def _candidates(self, generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Negatives to score now, and the (ids, scores) scored during training since the last refresh (all ranks)."""
+        trainer = self.trainer
+        weights = trainer.weight_state.weights
+        if self.refresh_index == 0:
+            # The initial weights (a `weight` column) may exclude negatives from the start
+            eligible = torch.nonzero(weights > 0).flatten()
+            return eligible, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
+        merged: dict[int, tuple] = {}
+        for part in gather_object([self.fresh_scores]):
+            for i, entry in part.items():
+                if i not in merged or entry[0] > merged[i][0]:
+                    merged[i] = entry
+        selected = torch.nonzero(weights > 0).flatten()
+        fresh_ids = torch.tensor(sorted(i for i in merged if weights[i] > 0), dtype=torch.long)
+        fresh_scores = torch.tensor([merged[int(i)][1] for i in fresh_ids], dtype=torch.float64)
+        stale = selected[~torch.isin(selected, fresh_ids)]
+        unselected = torch.nonzero(weights <= 0).flatten()
+        pool_size = min(trainer.args.pool_size, len(unselected))
+        pool = unselected[torch.randperm(len(unselected), generator=generator)[:pool_size]].sort().values
+        return torch.cat([stale, pool]), fresh_ids, fresh_scores
+
+    def _score(self, model, query, candidates: torch.Tensor) -> torch.Tensor:
+        """Scores of `candidates` `(m,)`: each rank scores a contiguous chunk, padded to equal size, then gathered."""
+        accelerator = self.trainer.accelerator
+        world, rank = accelerator.num_processes, accelerator.process_index
+        m = len(candidates)
+        chunk = max(1, math.ceil(m / world))
+        local = candidates[rank * chunk : (rank + 1) * chunk]
+        num_local = len(local)
+        # Equal shapes for the gather; the padding repeats a real candidate and is dropped after the gather
+        padded = (
+            torch.cat([local, candidates[:1].repeat(chunk - num_local)]) if m else torch.zeros(chunk, dtype=torch.long)
+        )
+        scores = torch.zeros(chunk, dtype=torch.float32)
+        if m:
+            rows = self.trainer._negative_rows[padded].tolist()
+            batches = [
+                move_batch(
+                    self.trainer.data_collator([self.trainer.train_dataset[r] for r in rows[s : s + self.batch_size]]),
+                    _device(model),
+                )
+                for s in range(0, chunk, self.batch_size)
+            ]
+            scores = score_dataset(model, batches, self.loss_fn, query, desc=f"U2A refresh {self.refresh_index}").cpu()
+        gathered = accelerator.gather(scores.to(accelerator.device)).cpu().view(world, chunk)
+        counts = [len(candidates[r * chunk : (r + 1) * chunk]) for r in range(world)]
+        return torch.cat([gathered[r, : counts[r]] for r in range(world)])
+
+    def _retain_nll(self, model) -> float | None:
+        """Token-mean NLL of a fixed sample of retain examples (the guard against gradient-ascent collapse)."""
+        trainer = self.trainer
+        retain_rows = trainer._retain_rows
+        accelerator = trainer.accelerator
+        if len(retain_rows) == 0:
+            if trainer.args.retain_nll_tolerance is not None and not self._warned_no_retain:
+                logger.warning("retain_nll_tolerance is set but train_dataset has no retain rows; it is ignored.")
+                self._warned_no_retain = True
+            return None
+        sample = retain_rows[:RETAIN_SAMPLE].tolist()
+        local = sample[accelerator.process_index :: accelerator.num_processes]
+        total = torch.zeros(2, dtype=torch.float64)
+        with torch.no_grad():
+            for s in range(0, len(local), self.batch_size):
+                batch = move_batch(
+                    trainer.data_collator([trainer.train_dataset[r] for r in local[s : s + self.batch_size]]),
+                    _device(model),
+                )
+                logps, lengths = sequence_logps(
+                    model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+                )
+                total += torch.stack(
+                    [
+                        (-logps / lengths.clamp(min=1)).sum().double().cpu(),
+                        torch.tensor(len(logps), dtype=torch.float64),
+                    ]
+                )
+        total = accelerator.reduce(total.to(accelerator.device), reduction="sum").cpu()
+        return float(total[0] / total[1])
+
+    # ---------------------------------------------------------- in-training
+    def _attach_ghost(self) -> None:
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        self.ghost = GhostDotProduct(model, self.query, active=False)
+
+    def record_training_scores(self, negative_ids: torch.Tensor, coefficients, run_backward):
+        """Run `run_backward()` (a training forward+backward) while recording the in-training scores of its rows.
+
+        Row `i` records `c_i s_i` where `c_i` is its coefficient in the backpropagated loss (`coefficients()`, read
+        after the backward, `(B,)`); `s_i` is recovered for rows with `c_i > 0` (negatives with positive weight) and
+        kept until the next refresh, with its position in the global batch sequence so that merging the ranks keeps
+        the latest score, as a one-process run would.
+        """
+        if self.ghost is None:
+            return run_backward()
+        with self.ghost.recording():
+            result = run_backward()
+        recorded = self.ghost.scores(batch_size=len(negative_ids)).double().cpu()
+        coefficients = coefficients().double().cpu()
+        accelerator = self.trainer.accelerator
+        offset = accelerator.process_index * len(negative_ids)
+        for i in torch.nonzero(coefficients > 0).flatten().tolist():
+            order = (self._micro_batches, offset + i)
+            self.fresh_scores[int(negative_ids[i])] = (order, float(recorded[i] / coefficients[i]))
+        self._micro_batches += 1
+        return result
+
+    # ---------------------------------------------------------------- output
+    def _log(self, record: dict[str, Any], ids: torch.Tensor, scores: torch.Tensor) -> None:
+        trainer = self.trainer
+        metrics = trainer._metrics["train"]
+        for key in (
+            "objective",
+            "n_selected",
+            "entropy",
+            "score_median",
+            "score_q25",
+            "score_q75",
+            "score_scale",
+            "fraction_positive",
+            "predicted_gain",
+            "retain_nll",
+        ):
+            value = record.get(key)
+            if value is not None:
+                metrics[f"u2a/{key}"].append(float(value))
+        if self.history and "realised_change" in self.history[-1]:
+            metrics["u2a/objective_change"].append(self.history[-1]["realised_change"])
+            metrics["u2a/objective_change_predicted"].append(self.history[-1]["predicted_change"])
+        if not trainer.accelerator.is_main_process:
+            return
+        weights = trainer.weight_state.weights
+        record["weights"] = weights.tolist()
+        record["last_scores"] = {int(i): float(s) for i, s in zip(ids.tolist(), scores.tolist())}
+        os.makedirs(trainer.args.output_dir, exist_ok=True)
+        with open(os.path.join(trainer.args.output_dir, TRACE_FILE), "a") as f:
+            score_of = dict(zip(ids.tolist(), scores.tolist()))
+            for i in sorted(set(score_of) | set(torch.nonzero(weights > 0).flatten().tolist())):
+                f.write(
+                    json.dumps(
+                        {
+                            "refresh": record["refresh"],
+                            "step": record["step"],
+                            "example_id": int(i),
+                            "score": score_of.get(i),
+                            "weight": float(weights[i]),
+                        }
+                    )
+                    + "\n"
+                )
+        with open(os.path.join(trainer.args.output_dir, REFRESH_FILE), "a") as f:
+            f.write(json.dumps({k: v for k, v in record.items() if k not in ("weights", "last_scores")}) + "\n")
+
+    def _check_stop(self, record: dict[str, Any], control) -> None:
+        args = self.trainer.args
+        objective = record["objective"]
+        if objective < self.best_objective - 1e-12:
+            self.best_objective = objective
+            self.refreshes_without_improvement = 0
+        else:
+            self.refreshes_without_improvement += 1
+        retain_nll = record.get("retain_nll")
+        if retain_nll is not None and self.retain_nll_start is None:
+            self.retain_nll_start = retain_nll
+        reason = None
+        if args.patience and self.refreshes_without_improvement >= args.patience:
+            reason = (
+                f"the alignment objective J has not improved for {args.patience} refreshes (best {self.best_objective:.4f}, "
+                f"now {objective:.4f})"
+            )
+        elif (
+            args.retain_nll_tolerance is not None
+            and retain_nll is not None
+            and retain_nll > self.retain_nll_start + args.retain_nll_tolerance
+        ):
+            reason = (
+                f"the retain NLL rose to {retain_nll:.4f}, more than retain_nll_tolerance={args.retain_nll_tolerance} "
+                f"above its first value {self.retain_nll_start:.4f} (gradient-ascent collapse guard)"
+            )
+        if reason is not None:
+            record["stopped"] = reason
+            control.should_training_stop = True
+            logger.warning(f"U2A early stop at step {record['step']}: {reason}.", main_process_only=True)
+
+    # ------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "refresh_index": self.refresh_index,
+            "history": self.history,
+            "ref_pair_logps": self.ref_pair_logps,
+            "best_objective": self.best_objective,
+            "refreshes_without_improvement": self.refreshes_without_improvement,
+            "retain_nll_start": self.retain_nll_start,
+            "lr_sum": self._lr_sum,
+            "micro_batches": self._micro_batches,
+            "fresh_scores": gather_object([self.fresh_scores]),
+        }
+        if self.query is not None and self.in_training:
+            model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+            state["query"] = [
+                self.query[p].cpu() if p in self.query else None for p in tracked_parameters(model, warn=False)
+            ]
+            state["query_attrs"] = {
+                k: getattr(self.query, k) for k in ("objective_value", "num_pairs", "preconditioner")
+            }
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from .influence import QueryVector
+
+        self.refresh_index = state["refresh_index"]
+        self.history = state["history"]
+        self.ref_pair_logps = state["ref_pair_logps"]
+        self.best_objective = state["best_objective"]
+        self.refreshes_without_improvement = state["refreshes_without_improvement"]
+        self.retain_nll_start = state["retain_nll_start"]
+        self._lr_sum = state["lr_sum"]
+        self._micro_batches = state["micro_batches"]
+        rank = self.trainer.accelerator.process_index
+        parts = state["fresh_scores"]
+        self.fresh_scores = dict(parts[rank]) if rank < len(parts) else {}
+        if "query" in state:
+            model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+            query = QueryVector()
+            for p, v in zip(tracked_parameters(model, warn=False), state["query"]):
+                if v is not None:
+                    query[p] = v.to(p.device)
+            for k, v in state["query_attrs"].items():
+                setattr(query, k, v)
+            self.query = query
+
+
+def _device(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _mix(*parts: int) -> int:
+    seed = 0
+    for part in parts:
+        seed = (seed * 1_000_003 + int(part) + 1) % (2**61 - 1)
+    return seed

@@ -1,0 +1,148 @@
+"""Sequence log-probabilities of completions under a causal LM, the one place that runs a model forward.
+
+Everything that needs `log π(y|x)` (the unlearning losses, the alignment objectives, the influence scores) goes
+through `sequence_logps`, so that the influence engine sees exactly the computation it differentiates.
+
+Batches are right-padded dicts of `(B, T)` integer tensors: `input_ids`, `attention_mask` and `completion_mask`
+(1 on completion tokens only, 0 on prompt and padding tokens).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+
+import torch
+
+from .losses import completion_logps
+
+
+def sequence_logps(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completion log-probabilities `log π(y_i|x_i)` and completion lengths `|y_i|`.
+
+    A plain forward (`model(...).logits`), not TRL's fused linear-cross-entropy head: the influence engine hooks
+    `nn.Linear` modules, so the `lm_head` module has to be *called* for its hooks to fire.
+
+    Args:
+        model: a causal LM returning `.logits` of shape `(B, T, V)` (a transformers model, a PEFT model, ...).
+        input_ids: `(B, T)` token ids, right-padded.
+        attention_mask: `(B, T)`, 1 on real tokens.
+        completion_mask: `(B, T)`, 1 on completion tokens only.
+
+    Returns:
+        `(logps, lengths)`, both `(B,)` float32: the summed completion-token log-probs and the completion lengths.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    # Next-token log-probs in fp32. `gather - logsumexp` equals `log_softmax(...).gather(...)` but autograd keeps
+    # only the (already fp32 for fp32 models) logits instead of a second (B, T, V) log-softmax output.
+    logits = logits[:, :-1].float()
+    targets = input_ids[:, 1:].unsqueeze(-1)
+    per_token_logps = torch.gather(logits, -1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    # A completion token is also a real token: guard against a completion mask that covers padding.
+    mask = completion_mask * attention_mask
+    return completion_logps(per_token_logps, mask)
+
+
+def _is_bnb_4bit(module: torch.nn.Module) -> bool:
+    bnb = sys.modules.get("bitsandbytes")  # never import bitsandbytes just to check
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Eval mode (no dropout) inside the block; each submodule's own training flag is restored on exit.
+
+    bitsandbytes 4-bit linears are left in training mode. On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a
+    `Linear4bit` weight *in place* the first time the layer runs in eval mode on an input that does not require grad,
+    and the repacked kernel (`gemv_4bit`) has no autograd formula: from then on every backward, training included,
+    silently drops the gradient through that layer (PyTorch only warns "an autograd kernel was not registered").
+    Their training flag changes nothing else (they have no dropout).
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        for m in model.modules():
+            if _is_bnb_4bit(m):
+                m.training = True
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def batch_size_of(batch: dict) -> int:
+    """Number of rows of a batch dict: the leading size of its first tensor with at least one dimension."""
+    for value in batch.values():
+        if torch.is_tensor(value) and value.dim() > 0:
+            return value.shape[0]
+    raise ValueError("The batch holds no tensor with a batch dimension.")
+
+
+def slice_batch(batch: dict, index: int | slice) -> dict:
+    """Rows `index` of a batch dict (every tensor whose leading size is the batch size is sliced; others are kept).
+
+    An integer index keeps the batch dimension (rows `index:index+1`).
+    """
+    size = batch_size_of(batch)
+    if isinstance(index, int):
+        index = slice(index, index + 1)
+    return {
+        k: (v[index] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == size else v) for k, v in batch.items()
+    }
+
+
+def move_batch(batch: dict, device: torch.device | str) -> dict:
+    """The batch with every tensor moved to `device`."""
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Device of the model's first parameter (CPU for a model without parameters)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def fill_reference_logps(
+    model: torch.nn.Module,
+    batches: Iterable[dict],
+    prefixes: Iterable[str] = ("",),
+    reference_context: Callable[[], AbstractContextManager] | None = None,
+) -> list[dict]:
+    """Copies of `batches` with the reference log-probs `log π_0` added, computed once under `torch.no_grad()`.
+
+    For each prefix `p` the batch must hold `{p}input_ids`, `{p}attention_mask`, `{p}completion_mask`; the result
+    gets `ref_logps` for `p=""` and `ref_{name}_logps` for `p="{name}_"` (e.g. `ref_chosen_logps`).
+
+    Args:
+        model: the reference model, or the policy when `reference_context` turns it into the reference.
+        batches: batch dicts.
+        prefixes: key prefixes of the sequences to score.
+        reference_context: a zero-argument callable returning a context manager inside which `model` is the
+            reference, e.g. `peft_model.disable_adapter` (the PEFT base model is the start model `θ_0`).
+
+    Returns:
+        A list of new batch dicts (inputs are not modified); the reference log-probs are float32 `(B,)` tensors.
+    """
+    out = []
+    # eval: no dropout, the reference is a deterministic function of the start weights
+    with eval_mode(model), torch.no_grad(), reference_context() if reference_context is not None else nullcontext():
+        for batch in batches:
+            new = dict(batch)
+            for prefix in prefixes:
+                logps, _ = sequence_logps(
+                    model,
+                    batch[f"{prefix}input_ids"],
+                    batch[f"{prefix}attention_mask"],
+                    batch[f"{prefix}completion_mask"],
+                )
+                key = "ref_logps" if prefix == "" else f"ref_{prefix.rstrip('_')}_logps"
+                new[key] = logps.detach()
+            out.append(new)
+    return out
