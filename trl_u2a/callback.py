@@ -33,8 +33,8 @@ from .influence import (
     scoring_mode,
     tracked_parameters,
 )
-from .modeling import fill_reference_logps, move_batch, sequence_logps
-from .objectives import DPOObjective, as_objective
+from .modeling import move_batch, sequence_logps
+from .objectives import DPOObjective, as_objective, reference_logps
 from .weighting import refresh_weights
 
 logger = get_logger(__name__)
@@ -258,14 +258,15 @@ class U2ARefreshCallback(TrainerCallback):
         before any optimizer step, and is saved in checkpoints.
         """
         context = model.disable_adapter if hasattr(model, "disable_adapter") else None
+        num_pairs = len(self.pairs)
         batches = [
             move_batch(
-                self.pair_collator([self.pairs[i] for i in range(s, min(s + self.batch_size, len(self.pairs)))]),
+                self.pair_collator([self.pairs[i] for i in range(s, min(s + self.batch_size, num_pairs))]),
                 _device(model),
             )
-            for s in range(0, len(self.pairs), self.batch_size)
+            for s in range(0, num_pairs, self.batch_size)
         ]
-        filled = fill_reference_logps(model, batches, prefixes=("chosen_", "rejected_"), reference_context=context)
+        filled = reference_logps(model, batches, reference_context=context)
         return torch.cat([torch.stack([b["ref_chosen_logps"], b["ref_rejected_logps"]], dim=1).cpu() for b in filled])
 
     def _candidates(self, generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
