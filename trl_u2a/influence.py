@@ -297,7 +297,8 @@ class GhostDotProduct:
 
     What each call keeps (the smaller side, fp32 accumulation): a linear with fewer outputs than inputs (e.g.
     `lora_A`: d → r) stores `p = a Vᵀ`, `(B, T, out)`, computed in the forward hook, and drops its input; otherwise
-    (e.g. `lora_B`: r → d) it keeps the input `a`, `(B, T, in)`, an alias of what autograd saves anyway.
+    (e.g. `lora_B`: r → d) it keeps the input `a`, `(B, T, in)`, an alias of what autograd saves anyway (under
+    gradient checkpointing it is held until the backward: small for LoRA, one input per linear in full fine-tuning).
     An embedding keeps its `(B, T)` ids. The stored state lives in the closure of the call's own tensor hook, so it
     is freed as soon as that hook fires and it pairs correctly under gradient checkpointing: with reentrant
     checkpointing the no-grad first pass records nothing and the recomputation records what the inner backward
