@@ -42,6 +42,7 @@ logger = get_logger(__name__)
 TRACE_FILE = "u2a_trace.jsonl"
 REFRESH_FILE = "u2a_refreshes.jsonl"
 RETAIN_SAMPLE = 64
+SNAPSHOT_MAX_NUMEL = 200_000_000  # 0.8 GB in fp32: adapters, not full models
 
 
 class U2ARefreshCallback(TrainerCallback):
@@ -207,6 +208,10 @@ class U2ARefreshCallback(TrainerCallback):
             self._attach_ghost()
         self._log(record, ids, all_scores)
         self._check_stop(record, control)
+        if record.get("collapsed"):
+            self._restore_snapshot(record)
+        else:
+            self._snapshot(state.global_step)
         self.history.append(record)
         self.refresh_index += 1
         return record
@@ -448,10 +453,45 @@ class U2ARefreshCallback(TrainerCallback):
                 f"the retain NLL rose to {retain_nll:.4f}, more than retain_nll_tolerance={args.retain_nll_tolerance} "
                 f"above its first value {self.retain_nll_start:.4f} (gradient-ascent collapse guard)"
             )
+            record["collapsed"] = True
         if reason is not None:
             record["stopped"] = reason
             control.should_training_stop = True
             logger.warning(f"U2A early stop at step {record['step']}: {reason}.", main_process_only=True)
+
+    def _snapshot(self, step: int) -> None:
+        """Keep a CPU copy of the trainable parameters that passed the collapse guard, to restore them if a later
+        refresh finds the model collapsed. Only for small trainable sets (adapters) with unsharded parameters."""
+        self._good = None
+        trainer = self.trainer
+        if trainer.args.retain_nll_tolerance is None or trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+            return
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if sum(p.numel() for p in params.values()) > SNAPSHOT_MAX_NUMEL:
+            return
+        self._good = (step, {n: p.detach().to("cpu", copy=True) for n, p in params.items()})
+
+    def _restore_snapshot(self, record: dict[str, Any]) -> None:
+        good = getattr(self, "_good", None)
+        if good is None:
+            logger.warning(
+                "The collapsed model is not restored: no snapshot of the trainable parameters was kept (sharded "
+                "parameters, or more than %d of them); use the last checkpoint before the collapse." % SNAPSHOT_MAX_NUMEL,
+                main_process_only=True,
+            )
+            return
+        step, saved = good
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in saved:
+                    p.copy_(saved[name].to(p.device))
+        record["restored_step"] = step
+        logger.warning(
+            f"Restored the trainable parameters of step {step}, the last refresh that passed the collapse guard.",
+            main_process_only=True,
+        )
 
     # ------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:

@@ -47,6 +47,7 @@ def to_unpaired(dataset: Dataset, name: str = "train_dataset", num_proc: int | N
     """
     fmt = detect_format(dataset, name)
     if fmt == "preference":
+        _check_text_columns(dataset, name, [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names])
         if "prompt" not in dataset.column_names:
             dataset = dataset.map(extract_prompt, num_proc=num_proc, desc=f"Extracting prompt from {name}")
         keep = [c for c in dataset.column_names if c not in ("chosen", "rejected")]
@@ -78,6 +79,17 @@ def to_unpaired(dataset: Dataset, name: str = "train_dataset", num_proc: int | N
         raise ValueError(f"{name} has no negatives (no row with label=False, or no 'rejected' response).")
     _check_text_columns(dataset, name)
 
+    if "id" in dataset.column_names:
+        seen: dict = {}
+        for i, (value, label) in enumerate(zip(dataset["id"], labels)):
+            if label:
+                continue
+            if value in seen:
+                raise ValueError(
+                    f"{name}: column 'id' must be unique among the negatives (it names them in the trace); rows "
+                    f"{seen[value]} and {i} both have id {value!r}."
+                )
+            seen[value] = i
     ids, counter = [], 0
     for v in labels:
         ids.append(-1 if v else counter)
@@ -98,15 +110,24 @@ def to_unpaired(dataset: Dataset, name: str = "train_dataset", num_proc: int | N
     return dataset
 
 
-def _check_text_columns(dataset: Dataset, name: str) -> None:
-    """Prompts and completions must be strings (standard) or message lists (conversational)."""
-    for column in ("prompt", "completion"):
+def _check_text_columns(dataset: Dataset, name: str, columns=("prompt", "completion")) -> None:
+    """Prompts and completions must be strings (standard) or lists of chat messages (conversational), with no
+    missing value. Arrow columns are typed, so the type is checked once and missing values through the null count."""
+    from datasets import Value
+
+    for column in columns:
+        feature = dataset.features[column]
+        if isinstance(feature, Value) and feature.dtype in ("string", "large_string"):
+            if dataset.data.column(column).null_count:
+                row = dataset[column].index(None)
+                raise ValueError(f"{name}: column '{column}' has a missing value (None) at row {row}; expected text.")
+            continue
         for i, value in enumerate(dataset[column][:1000]):
-            if isinstance(value, str) or (isinstance(value, list) and all(isinstance(m, dict) for m in value)):
+            if isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
                 continue
             raise ValueError(
-                f"{name}: column '{column}' must hold strings or lists of chat messages; row {i} has {value!r} of type "
-                f"{type(value).__name__}."
+                f"{name}: column '{column}' must hold strings or lists of chat messages "
+                f"([{{'role': ..., 'content': ...}}, ...]); row {i} has {value!r} of type {type(value).__name__}."
             )
 
 
@@ -122,6 +143,7 @@ def check_preference(dataset: Dataset, name: str = "alignment_dataset") -> Datas
         )
     if len(dataset) == 0:
         raise ValueError(f"{name} is empty; the alignment objective needs at least one preference pair.")
+    _check_text_columns(dataset, name, [c for c in ("prompt", "chosen", "rejected") if c in columns])
     if "prompt" not in columns:
         dataset = dataset.map(extract_prompt, desc=f"Extracting prompt from {name}")
     return dataset

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -39,7 +40,7 @@ def plot_refreshes(history: list[dict[str, Any]], out_dir: str, top: int = 20) -
         ax.grid(alpha=0.3)
         paths.append(_save(fig, out_dir, "weights.png"))
 
-        scores = list(with_weights[-1].get("last_scores", {}).values())
+        scores = [s for s in with_weights[-1].get("last_scores", {}).values() if math.isfinite(s)]
         if scores:
             fig, ax = plt.subplots(figsize=(6, 4))
             ax.hist(scores, bins=40)

@@ -54,7 +54,7 @@ class WeightedNegativeSampler(Sampler[int]):
         self._version = 0
         self._current = weights.detach().double().clone()
         self._blocks: dict[tuple[int, int], torch.Tensor] = {}
-        self._resume_table: list[tuple[int, int, torch.Tensor]] | None = None
+        self._resume_table: tuple[int, list[tuple[int, int, torch.Tensor]]] | None = None
 
     def __len__(self) -> int:
         return self.negatives_per_epoch * (2 if self.retain_rows is not None else 1)
@@ -72,9 +72,10 @@ class WeightedNegativeSampler(Sampler[int]):
     def __iter__(self):
         self.draws = 0
         self._blocks.clear()
-        if self._resume_table is not None:
+        resume, self._resume_table = self._resume_table, None
+        if resume is not None and resume[0] == self.epoch:
             # Replaying the epoch a checkpoint was taken in: the versions apply from the same draws as before
-            self._table, self._resume_table = self._resume_table, None
+            self._table = resume[1]
         else:
             self._table = [(0, self._version, self._current)]
         for slot in range(len(self)):
@@ -133,7 +134,7 @@ class WeightedNegativeSampler(Sampler[int]):
     def load_state_dict(self, state: dict) -> None:
         self._version = int(state["version"])
         self._current = state["current"].double().clone()
-        self._resume_table = [(int(d), int(v), w.double().clone()) for d, v, w in state["table"]]
+        self._resume_table = (int(state["epoch"]), [(int(d), int(v), w.double().clone()) for d, v, w in state["table"]])
 
 
 def _block_seed(*parts: int) -> int:

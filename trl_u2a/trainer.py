@@ -121,7 +121,7 @@ class U2ATrainer(KTOTrainer):
         if train_dataset is None:
             raise ValueError("train_dataset is required: the negatives to unlearn.")
         # Validate the data formats before any model is loaded: a typo in a column name should cost seconds
-        u2a_data.detect_format(train_dataset, "train_dataset")
+        train_dataset = u2a_data.to_unpaired(train_dataset, "train_dataset", num_proc=args.dataset_num_proc)
         if alignment_dataset is not None:
             alignment_dataset = u2a_data.check_preference(alignment_dataset, "alignment_dataset")
 
@@ -196,7 +196,8 @@ class U2ATrainer(KTOTrainer):
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         self._collator.pad_token_id = tokenizer.pad_token_id
         name = "train_dataset" if dataset_name == "train" else f"eval_dataset[{dataset_name}]"
-        dataset = u2a_data.to_unpaired(dataset, name, num_proc=args.dataset_num_proc)
+        if u2a_data.NEGATIVE_ID not in dataset.column_names:
+            dataset = u2a_data.to_unpaired(dataset, name, num_proc=args.dataset_num_proc)
         return u2a_data.tokenize_unpaired(dataset, tokenizer, args.max_length, name, num_proc=args.dataset_num_proc)
 
     def _set_signature_columns_if_needed(self):
@@ -360,7 +361,7 @@ class U2ATrainer(KTOTrainer):
         loss_sum, logp_sum, num_negatives, nll_sum, num_retain = gather(stats[None]).sum(0).tolist()
         if not (math.isfinite(loss_sum) and math.isfinite(logp_sum)):
             raise FloatingPointError(
-                f"Non-finite unlearning loss at step {self.state.global_step} ({mode}): loss sum {loss_sum}, "
+                f"Non-finite unlearning loss at optimizer step {self.state.global_step + 1} ({mode}): loss sum {loss_sum}, "
                 f"log-prob sum {logp_sum}. The learning rate may be too high (gradient-ascent collapse); the last "
                 "checkpoint holds the last good weights and adapter."
             )
@@ -378,6 +379,22 @@ class U2ATrainer(KTOTrainer):
             metrics["weights/entropy"].append(_entropy(selected))
 
     # ------------------------------------------------------------ checkpoint
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """`Trainer.train`, resuming only from a *complete* checkpoint: `resume_from_checkpoint=True` takes the last
+        checkpoint of `output_dir` whose files were all written (a run killed while saving leaves a partial one)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(
+                    f"resume_from_checkpoint=True but {self.args.output_dir} holds no complete checkpoint "
+                    f"(a checkpoint-N directory with {STATE_FILE} and a readable trainer_state.json)."
+                )
+        elif isinstance(resume_from_checkpoint, str):
+            missing = checkpoint_problem(resume_from_checkpoint)
+            if missing:
+                raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {missing}.")
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
     def u2a_state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the weight trajectory exactly: weights, scores, sampler, refresh state."""
         state = {"weights": self.weight_state.state_dict()}
@@ -420,6 +437,41 @@ class U2ATrainer(KTOTrainer):
                 "negatives cannot be restored."
             )
         self.load_u2a_state_dict(torch.load(path, weights_only=False))
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why `path` is not a complete U2A checkpoint, or None. `trainer_state.json` is the last file a checkpoint
+    save writes, and the U2A state is written before it, so a readable one marks a checkpoint whose files are all
+    there."""
+    import json
+
+    if not os.path.isdir(path):
+        return "it is not a directory"
+    if not os.path.isfile(os.path.join(path, STATE_FILE)):
+        return f"it has no {STATE_FILE} (not written by U2ATrainer, or the save was interrupted)"
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return "its trainer_state.json is missing or truncated (the save was interrupted)"
+    return None
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The highest-step `checkpoint-N` directory of `output_dir` that is complete (see `checkpoint_problem`)."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        prefix, _, number = name.partition("-")
+        if prefix == PREFIX_CHECKPOINT_DIR and number.isdigit():
+            steps.append((int(number), os.path.join(output_dir, name)))
+    for _, path in sorted(steps, reverse=True):
+        if checkpoint_problem(path) is None:
+            return path
+    return None
 
 
 def _entropy(weights: torch.Tensor) -> float:

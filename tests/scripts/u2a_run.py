@@ -1,9 +1,15 @@
 """A small U2A run for the multi-process and resume tests: writes the final weights and adapter to a JSON file.
 
 Usage: python u2a_run.py MODEL_DIR OUT_JSON PER_DEVICE_BATCH [key=value ...]  (launch with accelerate for 2 processes)
+
+`kill_at=step:N|refresh:N|save:N` sends SIGKILL to this process at that point (a real kill, for the resume tests):
+at the start of optimizer step N, inside refresh N after its scores are computed, or inside the save of checkpoint N
+after the U2A state and the model are written but before `trainer_state.json`.
 """
 
 import json
+import os
+import signal
 import sys
 
 import torch
@@ -44,8 +50,12 @@ def main():
         disable_tqdm=True,
     )
     resume = overrides.pop("resume", None)
+    resume = True if resume == "true" else resume
+    kill_at = overrides.pop("kill_at", None)
     assert not overrides, f"unknown overrides {overrides}"
     trainer = U2ATrainer(model=model_dir, args=args, train_dataset=train, alignment_dataset=alignment)
+    if kill_at:
+        install_kill(trainer, *kill_at.split(":"))
     trainer.train(resume_from_checkpoint=resume)
     state = PartialState()
     if state.is_main_process:
@@ -62,6 +72,45 @@ def main():
         with open(out, "w") as f:
             json.dump(result, f)
     torch.distributed.barrier() if torch.distributed.is_initialized() else None
+
+
+def install_kill(trainer, where: str, n: str) -> None:
+    n = int(n)
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if where == "step":
+        from transformers import TrainerCallback
+
+        class Kill(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if state.global_step + 1 == n:
+                    die()
+
+        trainer.add_callback(Kill())
+    elif where == "refresh":
+        import trl_u2a.callback as callback
+
+        original = callback.refresh_weights
+
+        def refresh_weights(*args, **kwargs):
+            if trainer.refresh_callback.refresh_index == n:
+                die()
+            return original(*args, **kwargs)
+
+        callback.refresh_weights = refresh_weights
+    elif where == "save":
+        original = trainer._save_rng_state
+
+        def save_rng_state(output_dir):
+            original(output_dir)
+            if trainer.state.global_step == n:
+                die()
+
+        trainer._save_rng_state = save_rng_state
+    else:
+        raise ValueError(f"kill_at={where}:{n}")
 
 
 if __name__ == "__main__":
