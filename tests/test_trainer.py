@@ -38,7 +38,7 @@ def test_compute_loss_equals_hand_reference(tiny_model_path, tokenizer, tmp_path
     trainer.set_weights(type(state).from_initial(weights))
     rows = list(range(len(trainer.train_dataset)))  # negatives and retain rows, mixed lengths
     batch = _batch(trainer, rows)
-    model = trainer.model
+    model = trainer.model.train()  # in eval mode the loss is unweighted (eval rows are not training negatives)
     loss = trainer.compute_loss(model, batch)
 
     args = trainer.args
@@ -69,7 +69,7 @@ def test_gradient_is_weighted_combination_of_per_example_gradients(tiny_model_pa
     weights = torch.tensor([1.0, 0.0, 2.0, 0.5, 1.0, 3.0], dtype=torch.float64)
     trainer.set_weights(type(trainer.weight_state).from_initial(weights))
     negative_rows = [i for i in range(len(trainer.train_dataset)) if not trainer.train_dataset[i]["label"]]
-    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    params = [p for p in trainer.model.train().parameters() if p.requires_grad]
 
     grads = torch.autograd.grad(trainer.compute_loss(trainer.model, _batch(trainer, negative_rows)), params)
     expected = [torch.zeros_like(p) for p in params]
@@ -150,6 +150,20 @@ def test_qlora_4bit_runs_on_cpu(tiny_model_path, tmp_path, preference_dataset):
     assert any("Linear4bit" in type(m).__name__ for m in trainer.model.modules())
     trainer.train()
     assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+
+def test_eval_dataset_with_more_negatives_than_training_is_unweighted(tiny_model_path, tmp_path, preference_dataset):
+    bigger = Dataset.from_dict({"prompt": PROMPTS * 3, "completion": REJECTED * 3})
+    trainer = U2ATrainer(
+        model=tiny_model_path,
+        args=cpu_args(tmp_path, loss_type="npo", eval_strategy="steps", eval_steps=1, max_steps=2),
+        train_dataset=preference_dataset,
+        eval_dataset=bigger,
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    # NPO at the start model is 2 ln 2 / β; after two steps the eval loss is finite and close to it
+    assert math.isfinite(metrics["eval_loss"]) and "eval_loss/negatives" in metrics
 
 
 def test_unpaired_and_negatives_only_formats(tiny_model_path, tmp_path, unpaired_dataset):

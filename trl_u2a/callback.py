@@ -17,18 +17,21 @@ from __future__ import annotations
 import json
 import math
 import os
+from functools import partial
 from typing import Any
 
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import gather_object
 from transformers import TrainerCallback
+from trl.trainer.utils import use_adapter
 
 from . import data as u2a_data
 from .influence import (
     GhostDotProduct,
     compute_query,
     make_unlearning_loss_fn,
+    resolve_tracking,
     score_dataset,
     scoring_mode,
     tracked_parameters,
@@ -206,12 +209,12 @@ class U2ARefreshCallback(TrainerCallback):
         self.fresh_scores = {}
         if self.in_training:
             self._attach_ghost()
-        self._log(record, ids, all_scores)
         self._check_stop(record, control)
         if record.get("collapsed"):
             self._restore_snapshot(record)
         else:
             self._snapshot(state.global_step)
+        self._log(record, ids, all_scores)
         self.history.append(record)
         self.refresh_index += 1
         return record
@@ -259,10 +262,17 @@ class U2ARefreshCallback(TrainerCallback):
     def _reference_pair_logps(self, model) -> torch.Tensor:
         """`log π_0` of every pair's chosen and rejected completion, `(P, 2)`, computed once.
 
-        Under PEFT the start model is the model with its adapter disabled; otherwise this runs at the first refresh,
-        before any optimizer step, and is saved in checkpoints.
+        The start model is, in order: the trainer's `ref_model`; under PEFT, TRL's frozen "ref" copy of a pretrained
+        adapter or else the base model (adapter disabled); otherwise the policy itself, since this runs at the first
+        refresh, before any optimizer step. Saved in checkpoints.
         """
-        context = model.disable_adapter if hasattr(model, "disable_adapter") else None
+        context = None
+        if self.trainer.ref_model is not None:
+            model = self.trainer.ref_model
+        elif hasattr(model, "peft_config"):
+            # TRL keeps a frozen copy of a pretrained adapter as "ref"; a fresh adapter's start model is the base
+            adapter = "ref" if "ref" in model.peft_config else None
+            context = partial(use_adapter, model, adapter_name=adapter)
         num_pairs = len(self.pairs)
         batches = [
             move_batch(
@@ -357,6 +367,14 @@ class U2ARefreshCallback(TrainerCallback):
     # ---------------------------------------------------------- in-training
     def _attach_ghost(self) -> None:
         model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        if not resolve_tracking(model).covers(self.query):
+            # e.g. DoRA: its weights act outside the module calls the ghost hooks see, so scoring is brute force
+            logger.info(
+                "in_training_scores is off: the query covers parameters the ghost scorer cannot hook.",
+                main_process_only=True,
+            )
+            self.in_training = False
+            return
         self.ghost = GhostDotProduct(model, self.query, active=False)
 
     def record_training_scores(self, negative_ids: torch.Tensor, coefficients, run_backward):
@@ -516,11 +534,16 @@ class U2ARefreshCallback(TrainerCallback):
             }
         return state
 
+    def _truncate_logs(self) -> None:
+        if self.trainer.accelerator.is_main_process:
+            _truncate_logs_to(self.trainer.args.output_dir, self.refresh_index)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from .influence import QueryVector
 
         self.refresh_index = state["refresh_index"]
         self.history = state["history"]
+        self._truncate_logs()
         self.ref_pair_logps = state["ref_pair_logps"]
         self.best_objective = state["best_objective"]
         self.refreshes_without_improvement = state["refreshes_without_improvement"]
@@ -539,6 +562,20 @@ class U2ARefreshCallback(TrainerCallback):
             for k, v in state["query_attrs"].items():
                 setattr(query, k, v)
             self.query = query
+
+
+def _truncate_logs_to(output_dir: str, refresh_index: int) -> None:
+    """Drop the JSONL records written after a checkpoint, so that a resumed run does not repeat them."""
+    for name in (TRACE_FILE, REFRESH_FILE):
+        path = os.path.join(output_dir, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            lines = [line for line in f if line.strip()]
+        kept = [line for line in lines if (json.loads(line).get("refresh") is not None
+                                           and json.loads(line)["refresh"] < refresh_index)]
+        with open(path, "w") as f:
+            f.writelines(kept)
 
 
 def _device(model) -> torch.device:

@@ -77,7 +77,8 @@ def kl_to_reference(logits: torch.Tensor, ref_logits: torch.Tensor, completion_m
     """Token-mean `KL(π_θ ‖ π_0)` over each example's completion positions, the KL retain term.
 
     Args:
-        logits, ref_logits: `(B, T, V)` next-token logits of the policy and the reference.
+        logits: `(B, T, V)` next-token logits of the policy.
+        ref_logits: `(B, T, V)` next-token logits of the reference.
         completion_mask: `(B, T)`.
 
     Returns:

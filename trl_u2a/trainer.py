@@ -80,8 +80,12 @@ class U2ATrainer(KTOTrainer):
         alignment_dataset: held-out preference pairs that define the alignment objective `J`. Without it the trainer
             runs plain weighted unlearning with the initial weights.
         alignment_objective: a custom objective (see `trl_u2a.objectives`) instead of the DPO loss on the pairs.
-        eval_dataset, processing_class, callbacks, optimizers, quantization_config, peft_config: as for
-            `trl.KTOTrainer`.
+        eval_dataset: optional evaluation rows in a training format; the loss on them is unweighted.
+        processing_class: the tokenizer; loaded from the model when omitted.
+        callbacks: extra `TrainerCallback`s.
+        optimizers: `(optimizer, scheduler)`, as for `transformers.Trainer`.
+        quantization_config: a `BitsAndBytesConfig` for QLoRA, when `model` is a path or hub id.
+        peft_config: a `peft.PeftConfig` (e.g. `LoraConfig`) to train an adapter.
     """
 
     _tag_names: ClassVar[list[str]] = ["trl", "u2a", "unlearning"]
@@ -144,9 +148,16 @@ class U2ATrainer(KTOTrainer):
             )
         self.loss_type = args.loss_type
         self.beta = args.beta
-        if args.loss_type == "npo" and "ref_logps" not in self.train_dataset.column_names:
+        if args.loss_type == "npo":
+            # KTO precomputes only when it keeps no reference model in memory (not with the KL retain term)
             batch_size = args.precompute_ref_batch_size or args.per_device_train_batch_size
             self.train_dataset = self._precompute_ref_logps(self.train_dataset, "train", batch_size)
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {
+                    k: self._precompute_ref_logps(v, k, batch_size) for k, v in self.eval_dataset.items()
+                }
+            elif self.eval_dataset is not None:
+                self.eval_dataset = self._precompute_ref_logps(self.eval_dataset, "eval", batch_size)
         self.precompute_ref_logps = "ref_logps" in self.train_dataset.column_names
 
         # The weight state: one weight per negative id, uniform or from the `weight` column
@@ -159,6 +170,11 @@ class U2ATrainer(KTOTrainer):
         ]
         self.weight_state = WeightState.from_initial(initial)
         self._negative_rows = torch.nonzero(is_negative).flatten()[torch.argsort(negative_ids[is_negative])]
+        # The user's `id` column, if any, names the negatives in the trace
+        self.negative_names = None
+        if "id" in self.train_dataset.column_names:
+            user_ids = self.train_dataset["id"]
+            self.negative_names = [user_ids[r] for r in self._negative_rows.tolist()]
         self._retain_rows = torch.nonzero(~is_negative).flatten()
         if args.retain_weight > 0 and len(self._retain_rows) == 0:
             raise ValueError(
@@ -296,7 +312,8 @@ class U2ATrainer(KTOTrainer):
             self.loss_type, logps, lengths, ref_logps, self.args.beta, self.args.gamma, self.args.ga_reduction
         )
         is_negative = ~is_retain
-        if self.args.weighting == "sampling":
+        if self.args.weighting == "sampling" or mode == "eval":
+            # Evaluation rows are not the training negatives: their ids do not index the training weights
             weights = is_negative.to(losses.dtype)
         else:
             weights = self._weights.to(device)[negative_ids.clamp(min=0)].to(losses.dtype) * is_negative
@@ -319,7 +336,9 @@ class U2ATrainer(KTOTrainer):
             # Each row's coefficient in the loss that `training_step` backpropagates, for in-training scores
             scale = self.accelerator.scaler.get_scale() if self.accelerator.scaler is not None else 1.0
             self._row_coefficients = (
-                weights.detach() * scale / (weight_total.clamp(min=1e-12) * self.current_gradient_accumulation_steps)
+                weights.detach()
+                * scale
+                / (weight_total.clamp(min=1e-12) * getattr(self, "current_gradient_accumulation_steps", 1))
             )
         self._log_batch_metrics(mode, losses, logps, lengths, weights, is_negative, is_retain, retain_nll)
         if return_outputs:

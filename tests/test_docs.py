@@ -1,0 +1,76 @@
+"""The documentation builds without a single warning and matches the code it documents."""
+
+import dataclasses
+import inspect
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+
+
+def _u2a_fields() -> list[str]:
+    """Fields declared in `U2AConfig` itself (its own options and the TRL defaults it overrides)."""
+    from trl_u2a.config import U2AConfig
+
+    own = inspect.get_annotations(U2AConfig)
+    return [f.name for f in dataclasses.fields(U2AConfig) if f.name in own]
+
+
+def test_docs_build_strict(tmp_path):
+    pytest.importorskip("mkdocs", reason="mkdocs is not installed (it is in the `dev` and `test` extras)")
+    pytest.importorskip(
+        "mkdocstrings_handlers.python",
+        reason="mkdocstrings-python is not installed (it is in the `dev` and `test` extras)",
+    )
+    site = tmp_path / "site"
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(ROOT / "mkdocs.yml"), "-d", str(site)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "WARNING" not in output, output
+    api = (site / "api" / "index.html").read_text()
+    for name in (
+        "config.U2AConfig",
+        "trainer.U2ATrainer",
+        "callback.U2ARefreshCallback",
+        "scoring.score_negatives",
+        "influence.compute_query",
+        "weighting.refresh_weights",
+    ):
+        assert f'id="trl_u2a.{name}"' in api, f"trl_u2a.{name} is missing from the API reference"
+
+
+def test_every_config_field_is_documented():
+    from trl_u2a.config import U2AConfig
+
+    text = "\n".join([(DOCS / "usage.md").read_text(), (DOCS / "method.md").read_text(), U2AConfig.__doc__ or ""])
+    missing = [name for name in _u2a_fields() if not re.search(rf"\b{re.escape(name)}\b", text)]
+    assert not missing, f"U2AConfig fields found neither in docs/usage.md, docs/method.md nor its docstring: {missing}"
+
+
+def test_documented_knobs_exist():
+    """Every option named in the first column of the knob table of docs/usage.md is a real `U2AConfig` field."""
+    from trl_u2a.config import U2AConfig
+
+    fields = {f.name for f in dataclasses.fields(U2AConfig)}
+    usage = (DOCS / "usage.md").read_text()
+    table = usage.split("## Choosing the knobs", 1)[1].split("\n## ", 1)[0]
+    named = [
+        name
+        for line in table.splitlines()
+        if line.startswith("| `")
+        for name in re.findall(r"`([a-z_]+)`", line.split("|")[1])
+    ]
+    assert len(named) >= 10, "the knob table of docs/usage.md was not found"
+    unknown = sorted(set(named) - fields)
+    assert not unknown, f"docs/usage.md documents options that U2AConfig does not have: {unknown}"
