@@ -1,4 +1,4 @@
-"""`trl-u2a` console script: `train`, `score` and `demo` subcommands."""
+"""`trl-u2a` console script: `train`, `score`, `demo` and `prepare-data` subcommands."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ commands:
   train   train with U2A (TrlParser arguments; --config recipe.yaml)
   score   score negatives by their influence on the alignment objective, no training (--config score.yaml)
   demo    the offline end-to-end benchmark: U2A vs uniform unlearning on a built-in task
+  prepare-data
+          build the paper's splits (alignment, original, forget, retain, train, test) from a preference dataset
 
 Run `trl-u2a <command> --help` for the options of a command.
 """
@@ -35,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         from trl_u2a.scripts.demo import cli
 
         return cli(rest) or 0
+    if command == "prepare-data":
+        from trl_u2a.prepare_data import cli
+
+        return cli(rest)
     print(f"trl-u2a: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -1,0 +1,94 @@
+"""Test-only start-up hook for the processes that `tests/test_recipes.py` launches with `accelerate launch`.
+
+Python imports `sitecustomize` at start-up from the first directory on `sys.path` that has one; the launch helper puts
+this directory on `PYTHONPATH`, so it runs in every launched rank and in nothing else. It does two things, only in
+ranks (`LOCAL_RANK` set), never in the launcher process:
+
+1. The CPU shim for sharded runs. Stock accelerate on a machine without CUDA maps a launched
+   rank to `MULTI_CPU` when told to use the CPU (and then drops FSDP to DDP and ignores DeepSpeed), or to
+   `DistributedType.NO` otherwise (independent single-process runs). Here `PartialState._prepare_backend` returns
+   `("gloo", DistributedType.MULTI_GPU)` for a rank that does not ask for the CPU, so accelerate initialises a gloo
+   process group and goes on to set up FSDP or DeepSpeed; `ACCELERATE_TORCH_DEVICE=cpu` (set by the test) keeps the
+   device on the CPU. A rank that asks for the CPU (`use_cpu=True` or `ACCELERATE_USE_CPU=true`) is left alone: that
+   is real `MULTI_CPU` DDP.
+2. Facts for the test to assert, written to `$U2A_FACTS_DIR/rank<i>.json` each time `Accelerator.prepare` returns a
+   model: the distributed type, number of processes, rank, backends, whether the shim chose the backend, and how the
+   prepared model is wrapped and sharded (classes, local vs global parameter count, ZeRO stage and optimizer
+   partition size).
+"""
+
+import os
+
+if os.environ.get("LOCAL_RANK") is not None and os.environ.get("U2A_FACTS_DIR"):
+    import json
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    _shim_used = []
+    _prepare_backend = PartialState._prepare_backend
+
+    def _prepare_backend_on_cpu(self, cpu=False, sagemaker_dp=False, backend=None):
+        if not cpu and not torch.cuda.is_available():
+            _shim_used.append(True)
+            return "gloo", DistributedType.MULTI_GPU
+        return _prepare_backend(self, cpu, sagemaker_dp, backend)
+
+    PartialState._prepare_backend = _prepare_backend_on_cpu
+
+    def _parameter_counts(model):
+        local = total = 0
+        for p in model.parameters():
+            if hasattr(p, "ds_numel"):  # DeepSpeed ZeRO-3: each rank holds the partition `ds_tensor`
+                local, total = local + p.ds_tensor.numel(), total + p.ds_numel
+            elif hasattr(p, "to_local"):  # FSDP2: a DTensor sharded over the mesh
+                local, total = local + p.to_local().numel(), total + p.numel()
+            else:
+                local, total = local + p.numel(), total + p.numel()
+        return local, total
+
+    def _model_facts(model):
+        local, total = _parameter_counts(model)
+        facts = {
+            "model_classes": [cls.__name__ for cls in type(model).__mro__],
+            "local_parameters": local,
+            "global_parameters": total,
+        }
+        if hasattr(model, "zero_optimization_stage"):  # a DeepSpeedEngine
+            facts["zero_stage"] = model.zero_optimization_stage()
+            groups = getattr(model.optimizer, "single_partition_of_fp32_groups", None)  # ZeRO-1/2 optimizer
+            if groups is not None:
+                facts["optimizer_partition"] = sum(g.numel() for g in groups)
+                facts["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return facts
+
+    _prepare = Accelerator.prepare
+
+    def _recording_prepare(self, *args, **kwargs):
+        result = _prepare(self, *args, **kwargs)
+        prepared = result if isinstance(result, (tuple, list)) else (result,)
+        models = [obj for obj in prepared if isinstance(obj, torch.nn.Module)]
+        if models:
+            state = PartialState()
+            dist = torch.distributed
+            facts = {
+                "distributed_type": str(state.distributed_type),
+                "num_processes": state.num_processes,
+                "process_index": state.process_index,
+                "backend": state.backend,
+                "process_group_backend": dist.get_backend() if dist.is_initialized() else None,
+                "world_size": dist.get_world_size() if dist.is_initialized() else None,
+                "device": str(state.device),
+                "cpu_shim": bool(_shim_used),
+                "mixed_precision": self.mixed_precision,
+                **_model_facts(models[0]),
+            }
+            directory = os.environ["U2A_FACTS_DIR"]
+            os.makedirs(directory, exist_ok=True)
+            with open(os.path.join(directory, f"rank{state.process_index}.json"), "w") as f:
+                json.dump(facts, f, indent=2)
+        return result
+
+    Accelerator.prepare = _recording_prepare
