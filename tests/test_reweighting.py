@@ -185,3 +185,17 @@ def test_two_processes_match_one_process(tiny_model_path, tmp_path):
     torch.testing.assert_close(torch.tensor(b["weights"]), torch.tensor(a["weights"]), rtol=0, atol=1e-5)
     for name, value in a["params"].items():
         torch.testing.assert_close(torch.tensor(b["params"][name]), torch.tensor(value), rtol=0, atol=1e-5)
+
+
+def test_no_positive_score_at_the_start_is_a_clear_error(tiny_model_path, tmp_path):
+    # Every negative is an alignment-set chosen response: unlearning any of them is predicted to hurt
+    alignment = Dataset.from_dict({"prompt": PROMPTS, "chosen": CHOSEN, "rejected": REJECTED})
+    negatives = Dataset.from_dict({"prompt": PROMPTS, "completion": CHOSEN})
+    trainer = U2ATrainer(
+        model=tiny_model_path,
+        args=cpu_args(tmp_path, loss_type="ga", preconditioner="identity"),
+        train_dataset=negatives,
+        alignment_dataset=alignment,
+    )
+    with pytest.raises(ValueError, match="No negative has a positive influence score"):
+        trainer.train()

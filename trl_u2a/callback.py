@@ -196,8 +196,24 @@ class U2ARefreshCallback(TrainerCallback):
                 max_weight=args.max_weight,
                 sparsity=args.sparsity,
             )
-            trainer.set_weights(new_state)
             record.update(info)
+            if info["n_selected"] == 0:
+                if self.refresh_index == 0:
+                    raise ValueError(
+                        f"No negative has a positive influence score at the start model ({len(ids)} scored, mean |s| = "
+                        f"{info['score_scale']:.3g}): unlearning any of them is predicted to raise the alignment loss "
+                        "J. Check that alignment_dataset's rejected responses resemble the negatives, and that the "
+                        "start model is not untrained or memorised."
+                    )
+                # The brake of re-selection: nothing is predicted to help any more, so stop with the last weights
+                record["stopped"] = "no negative has a positive influence score any more"
+                control.should_training_stop = True
+                logger.warning(
+                    f"U2A early stop at step {state.global_step}: {record['stopped']}; the weights stay as they were.",
+                    main_process_only=True,
+                )
+            else:
+                trainer.set_weights(new_state)
             if info["score_scale"] < args.min_score_scale:
                 logger.warning(
                     f"U2A refresh {self.refresh_index}: the scores are negligible (mean |s| = {info['score_scale']:.3g} "

@@ -143,6 +143,8 @@ def main(script_args, training_args, model_args):
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    # Every rank finishes its last collective (and rank 0 its plots and files) before the process group goes away
+    trainer.accelerator.wait_for_everyone()
     trainer.end()
     return trainer
 
