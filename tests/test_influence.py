@@ -179,6 +179,23 @@ def test_ghost_matches_brute_force_lora(lora_models, loss_type, use_rslora):
     assert model.training  # train mode restored
 
 
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_ghost_matches_brute_force_bf16(tokenizer, loss_type):
+    """A bf16 base model (PEFT keeps the adapter in fp32, its default): activations and output gradients are bf16
+    around every LoRA module, so ghost and brute force agree to bf16 precision, not 1e-5, and rank alike."""
+    model = lora(tiny(tokenizer).to(torch.bfloat16), dropout=0.0)
+    batch = with_ref(model, make_negatives(tokenizer), model.disable_adapter)
+    params = inf.tracked_parameters(model)
+    assert model.get_base_model().model.embed_tokens.weight.dtype == torch.bfloat16
+    v = random_v(params)
+    loss_fn = _loss_fn(loss_type)
+    ghost = inf.score_negatives_batch(model, batch, loss_fn, v)
+    brute = inf.brute_force_scores(model, batch, loss_fn, v)
+    assert ghost.dtype == torch.float32 and torch.isfinite(ghost).all()
+    assert rel_err(ghost, brute) <= 2e-2, (ghost, brute)
+    assert torch.equal(ghost.argsort(), brute.argsort())
+
+
 def load_qlora(directory):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
