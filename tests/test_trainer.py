@@ -244,3 +244,22 @@ def test_cli_parses_yaml_and_runs_two_steps(tiny_model_path, tmp_path):
     path.write_text(yaml.safe_dump(config))
     assert main(["train", "--config", str(path), "--learning_rate", "1e-3"]) == 0
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_saved_model_carries_a_u2a_model_card(tiny_model_path, tmp_path, preference_dataset):
+    alignment = Dataset.from_dict({"prompt": PROMPTS, "chosen": CHOSEN, "rejected": REJECTED})
+    trainer = U2ATrainer(
+        model=tiny_model_path,
+        args=cpu_args(tmp_path / "run", loss_type="npo", budget=3, reweight_steps=1, max_steps=2),
+        train_dataset=preference_dataset,
+        alignment_dataset=alignment,
+    )
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    card = (tmp_path / "final" / "README.md").read_text()
+    assert "## U2A: what was unlearned" in card
+    assert "| `loss_type` | `npo` |" in card and "| `budget` | `3` |" in card
+    selected = int((trainer.weight_state.weights > 0).sum())
+    assert f"selected at the end: {selected} (budget 3)" in card
+    assert "Weights of the selected negatives: min" in card and "alignment objective J" in card
+    assert "@article{feng2025u2a" in card

@@ -397,6 +397,67 @@ class U2ATrainer(KTOTrainer):
             metrics["weights/max"].append(float(selected.max()) if len(selected) else 0.0)
             metrics["weights/entropy"].append(_entropy(selected))
 
+    # ------------------------------------------------------------ model card
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's model card plus a U2A section: the configuration, the selection and weight summary, the citation."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if self.is_world_process_zero():
+            with open(os.path.join(self.args.output_dir, "README.md"), "a") as f:
+                f.write(self.u2a_model_card_section())
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        if _internal_call:  # checkpoints get their card from `_save_checkpoint`
+            return
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        self.create_model_card(model_name=os.path.basename(os.path.normpath(output_dir)))
+        card = os.path.join(self.args.output_dir, "README.md")
+        if self.is_world_process_zero() and os.path.abspath(output_dir) != os.path.abspath(self.args.output_dir):
+            import shutil
+
+            shutil.copyfile(card, os.path.join(output_dir, "README.md"))
+
+    def u2a_model_card_section(self) -> str:
+        """Markdown: what U2A unlearned and how (appended to the model card)."""
+        args = self.args
+        w = self.weight_state.weights
+        selected = w[w > 0]
+        fields = ["loss_type", "beta", "gamma", "retain_weight", "retain_loss", "weighting", "budget", "reweight_steps",
+                  "pool_size", "pa_samples", "weight_lr", "score_clip", "max_weight", "sparsity", "preconditioner",
+                  "damping", "beta_pa", "learning_rate"]
+        rows = "\n".join(f"| `{name}` | `{getattr(args, name)}` |" for name in fields)
+        lines = [
+            "",
+            "## U2A: what was unlearned",
+            "",
+            f"Trained with [trl-u2a](https://arxiv.org/abs/{self._paper['id']}) (`U2ATrainer`) for "
+            f"{self.state.global_step} optimizer steps.",
+            "",
+            "| setting | value |",
+            "|---|---|",
+            rows,
+            "",
+            f"- Negatives: {self.num_negatives}; selected at the end: {len(selected)} (budget {self.budget}).",
+        ]
+        if len(selected):
+            q = torch.quantile(selected, torch.tensor([0.0, 0.5, 1.0], dtype=selected.dtype)).tolist()
+            lines.append(
+                f"- Weights of the selected negatives: min {q[0]:.3g}, median {q[1]:.3g}, max {q[2]:.3g}, "
+                f"entropy {_entropy(selected):.3g} nats (uniform: {math.log(len(selected)):.3g})."
+            )
+        if self.refresh_callback is not None and self.refresh_callback.history:
+            history = self.refresh_callback.history
+            lines.append(
+                f"- Refreshes: {sum(r.get('refresh') is not None for r in history)}; alignment objective J (DPO loss on "
+                f"the alignment set): {history[0]['objective']:.4f} at the start, {history[-1]['objective']:.4f} at "
+                "the end."
+            )
+        else:
+            lines.append("- No alignment set: plain weighted unlearning, no selection.")
+        lines += ["", "Cite U2A:", "", "```bibtex", self._paper["citation"], "```", ""]
+        return "\n".join(lines)
+
     # ------------------------------------------------------------ checkpoint
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """`Trainer.train`, resuming only from a *complete* checkpoint: `resume_from_checkpoint=True` takes the last
