@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import TrainerCallback
 
-from trl_u2a import U2AConfig, U2ATrainer
+from trl_u2a import U2ATrainer
 from trl_u2a.trainer import last_complete_checkpoint
 
 HERE = os.path.dirname(__file__)
@@ -30,9 +30,11 @@ def malformed_datasets(draw):
     completion, a missing value, a bad weight, no negatives, or no rows."""
     n = draw(st.integers(min_value=1, max_value=5))
     columns = {"prompt": [draw(TEXT) for _ in range(n)], "completion": [draw(TEXT) for _ in range(n)]}
-    defect = draw(st.sampled_from(
-        ["drop", "rename", "label_type", "text_type", "none", "weight", "no_negatives", "empty", "chosen_only"]
-    ))
+    defect = draw(
+        st.sampled_from(
+            ["drop", "rename", "label_type", "text_type", "none", "weight", "no_negatives", "empty", "chosen_only"]
+        )
+    )
     if defect == "drop":
         del columns[draw(st.sampled_from(["prompt", "completion"]))]
     elif defect == "rename":
@@ -86,15 +88,22 @@ def test_malformed_alignment_sets_raise_value_error(tiny_model_path, tmp_path, p
     else:
         pairs["rejected"] = [None] * n
     with pytest.raises(ValueError, match="alignment_dataset"):
-        U2ATrainer(model=tiny_model_path, args=cpu_args(tmp_path), train_dataset=preference_dataset,
-                   alignment_dataset=Dataset.from_dict(pairs))
+        U2ATrainer(
+            model=tiny_model_path,
+            args=cpu_args(tmp_path),
+            train_dataset=preference_dataset,
+            alignment_dataset=Dataset.from_dict(pairs),
+        )
 
 
 NUMERIC_FIELDS = {
     "beta": st.one_of(st.floats(max_value=0.0), st.just(float("nan"))),
     "beta_pa": st.one_of(st.floats(max_value=0.0), st.just(float("inf"))),
-    "budget": st.one_of(st.floats(max_value=0.0), st.floats(min_value=1.01, max_value=1e6).filter(lambda x: x % 1),
-                        st.just(float("nan"))),
+    "budget": st.one_of(
+        st.floats(max_value=0.0),
+        st.floats(min_value=1.01, max_value=1e6).filter(lambda x: x % 1),
+        st.just(float("nan")),
+    ),
     "reweight_steps": st.integers(max_value=0),
     "pool_size": st.integers(max_value=-1),
     "patience": st.integers(max_value=-1),
@@ -153,8 +162,9 @@ class PoisonAt(TrainerCallback):
                         p.fill_(float("nan"))
 
 
-def test_nan_loss_stops_with_where_and_when_and_keeps_the_last_good_checkpoint(tiny_model_path, tmp_path,
-                                                                                preference_dataset):
+def test_nan_loss_stops_with_where_and_when_and_keeps_the_last_good_checkpoint(
+    tiny_model_path, tmp_path, preference_dataset
+):
     trainer = U2ATrainer(
         model=tiny_model_path,
         args=cpu_args(tmp_path, loss_type="ga", max_steps=5, save_strategy="steps", save_steps=1),
@@ -187,7 +197,9 @@ def test_non_finite_scores_skip_the_refresh_and_keep_the_weights(tiny_model_path
     alignment = Dataset.from_dict({"prompt": PROMPTS, "chosen": CHOSEN, "rejected": REJECTED})
     trainer = U2ATrainer(
         model=tiny_model_path,
-        args=cpu_args(tmp_path, loss_type="ga", budget=3, reweight_steps=2, max_steps=3, per_device_train_batch_size=8),
+        args=cpu_args(
+            tmp_path, loss_type="ga", budget=3, reweight_steps=2, max_steps=3, per_device_train_batch_size=8
+        ),
         train_dataset=preference_dataset,
         alignment_dataset=alignment,
         alignment_objective=objective_wrapped,
@@ -205,8 +217,16 @@ def test_collapse_guard_stops_and_restores_the_last_good_adapter(tiny_model_path
     alignment = Dataset.from_dict({"prompt": PROMPTS, "chosen": CHOSEN, "rejected": REJECTED})
     trainer = U2ATrainer(
         model=tiny_model_path,
-        args=cpu_args(tmp_path, loss_type="ga", budget=6, reweight_steps=3, max_steps=30, learning_rate=0.05,
-                      retain_nll_tolerance=0.1, per_device_train_batch_size=4),
+        args=cpu_args(
+            tmp_path,
+            loss_type="ga",
+            budget=6,
+            reweight_steps=3,
+            max_steps=30,
+            learning_rate=0.05,
+            retain_nll_tolerance=0.1,
+            per_device_train_batch_size=4,
+        ),
         train_dataset=preference_dataset,
         alignment_dataset=alignment,
         peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
@@ -242,8 +262,9 @@ def test_same_seed_same_selection_weights_and_adapter(tiny_model_path, tmp_path)
             peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"),
         )
         trainer.train()
-        return trainer.weight_state.weights, {n: p.detach().clone() for n, p in trainer.model.named_parameters()
-                                               if p.requires_grad}
+        return trainer.weight_state.weights, {
+            n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad
+        }
 
     (w1, a1), (w2, a2) = run("a"), run("b")
     assert torch.equal(w1, w2)
@@ -260,7 +281,9 @@ def test_sigkill_at_a_save_a_refresh_and_a_step_then_resume_is_bitwise_exact(tin
     def run(out, output_dir, *extra):
         return subprocess.run(
             [sys.executable, script, tiny_model_path, str(out), "4", f"output_dir={output_dir}", *common, *extra],
-            env=env, capture_output=True, text=True,
+            env=env,
+            capture_output=True,
+            text=True,
         )
 
     assert run(tmp_path / "full.json", tmp_path / "full").returncode == 0

@@ -43,7 +43,9 @@ def test_selection_precision_weights_and_objective_on_planted_task(tiny_model_pa
     common = dict(loss_type="npo", max_steps=8, learning_rate=3e-3, per_device_train_batch_size=4)
     trainer = U2ATrainer(
         model=tiny_model_path,
-        args=cpu_args(tmp_path / "u2a", budget=6, reweight_steps=2, weight_lr=0.5, preconditioner="identity", **common),
+        args=cpu_args(
+            tmp_path / "u2a", budget=6, reweight_steps=2, weight_lr=0.5, preconditioner="identity", **common
+        ),
         train_dataset=negatives,
         alignment_dataset=alignment,
     )
@@ -63,9 +65,7 @@ def test_selection_precision_weights_and_objective_on_planted_task(tiny_model_pa
         assert w[helpful].sum() / w.sum() >= 0.9
     assert trainer.refresh_callback.history[-1]["objective"] < history[-1]["objective"] < history[0]["objective"]
 
-    uniform = U2ATrainer(
-        model=tiny_model_path, args=cpu_args(tmp_path / "uniform", **common), train_dataset=negatives
-    )
+    uniform = U2ATrainer(model=tiny_model_path, args=cpu_args(tmp_path / "uniform", **common), train_dataset=negatives)
     uniform.train()
     start = AutoModelForCausalLM.from_pretrained(tiny_model_path)
     tok = trainer.processing_class
@@ -109,11 +109,20 @@ def test_in_training_scores_match_a_fresh_scoring_pass(tiny_model_path, tmp_path
         negatives = Dataset.from_dict(
             {"prompt": PROMPTS * 3, "completion": REJECTED + CHOSEN + CHOSEN, "label": [False] * 12 + [True] * 6}
         )
-    args = cpu_args(tmp_path, loss_type=loss_type, budget=6, reweight_steps=1, max_steps=2, learning_rate=0.0,
-                    preconditioner="identity", weight_lr=0.0)
+    args = cpu_args(
+        tmp_path,
+        loss_type=loss_type,
+        budget=6,
+        reweight_steps=1,
+        max_steps=2,
+        learning_rate=0.0,
+        preconditioner="identity",
+        weight_lr=0.0,
+    )
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM", init_lora_weights=False)
-    trainer = U2ATrainer(model=tiny_model_path, args=args, train_dataset=negatives, alignment_dataset=alignment,
-                         peft_config=lora)
+    trainer = U2ATrainer(
+        model=tiny_model_path, args=args, train_dataset=negatives, alignment_dataset=alignment, peft_config=lora
+    )
     trainer.train()
     first, second = trainer.refresh_callback.history[:2]
     assert second["num_scored_in_training"] >= 2
@@ -140,8 +149,9 @@ def test_resume_from_checkpoint_continues_exactly(tiny_model_path, tmp_path, pla
     negatives, alignment = planted
 
     def run(output_dir, resume=None):
-        args = cpu_args(output_dir, loss_type="npo", budget=6, reweight_steps=2, max_steps=6, save_strategy="steps",
-                        save_steps=3)
+        args = cpu_args(
+            output_dir, loss_type="npo", budget=6, reweight_steps=2, max_steps=6, save_strategy="steps", save_steps=3
+        )
         trainer = U2ATrainer(
             model=tiny_model_path,
             args=args,
@@ -163,8 +173,12 @@ def test_resume_from_checkpoint_continues_exactly(tiny_model_path, tmp_path, pla
 def test_budget_larger_than_negatives_is_an_error(tiny_model_path, tmp_path, planted):
     negatives, alignment = planted
     with pytest.raises(ValueError, match="budget=50 is larger than the 12 negatives"):
-        U2ATrainer(model=tiny_model_path, args=cpu_args(tmp_path, budget=50), train_dataset=negatives,
-                   alignment_dataset=alignment)
+        U2ATrainer(
+            model=tiny_model_path,
+            args=cpu_args(tmp_path, budget=50),
+            train_dataset=negatives,
+            alignment_dataset=alignment,
+        )
 
 
 @pytest.mark.slow
@@ -173,8 +187,16 @@ def test_two_processes_match_one_process(tiny_model_path, tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     subprocess.run([sys.executable, script, tiny_model_path, str(one), "4"], check=True, env=env)
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--main_process_port", str(29500 + os.getpid() % 1000)]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(29500 + os.getpid() % 1000),
+    ]
     subprocess.run([*launcher, script, tiny_model_path, str(two), "2"], check=True, env=env)
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert a["num_processes"] == 1

@@ -35,8 +35,13 @@ def test_score_negatives_rejects_adam_preconditioner(tiny_model_path, tokenizer)
 
     negatives, alignment = _planted()
     with pytest.raises(ValueError, match="preconditioner='adam'"):
-        score_negatives(AutoModelForCausalLM.from_pretrained(tiny_model_path), tokenizer, negatives, alignment,
-                        preconditioner="adam")
+        score_negatives(
+            AutoModelForCausalLM.from_pretrained(tiny_model_path),
+            tokenizer,
+            negatives,
+            alignment,
+            preconditioner="adam",
+        )
 
 
 def test_score_cli_writes_jsonl_with_lora(tiny_model_path, tmp_path):
@@ -46,12 +51,34 @@ def test_score_cli_writes_jsonl_with_lora(tiny_model_path, tmp_path):
     negatives.to_json(tmp_path / "negatives.jsonl")
     alignment.to_json(tmp_path / "pairs.jsonl")
     out = tmp_path / "scores.jsonl"
-    code = main([
-        "score", "--model_name_or_path", tiny_model_path, "--dataset_name", str(tmp_path / "negatives.jsonl"),
-        "--alignment_dataset_name", str(tmp_path / "pairs.jsonl"), "--alignment_split", "train",
-        "--output", str(out), "--loss_type", "ga", "--batch_size", "4", "--max_length", "64",
-        "--use_peft", "--lora_r", "4", "--lora_target_modules", "all-linear", "--output_dir", str(tmp_path),
-    ])
+    code = main(
+        [
+            "score",
+            "--model_name_or_path",
+            tiny_model_path,
+            "--dataset_name",
+            str(tmp_path / "negatives.jsonl"),
+            "--alignment_dataset_name",
+            str(tmp_path / "pairs.jsonl"),
+            "--alignment_split",
+            "train",
+            "--output",
+            str(out),
+            "--loss_type",
+            "ga",
+            "--batch_size",
+            "4",
+            "--max_length",
+            "64",
+            "--use_peft",
+            "--lora_r",
+            "4",
+            "--lora_target_modules",
+            "all-linear",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 12 and {"prompt", "completion", "negative_id", "score"} <= set(rows[0])

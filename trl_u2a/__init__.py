@@ -20,7 +20,14 @@ _LAZY = {
     "AlignmentObjective": "trl_u2a.objectives",
 }
 
-__all__ = list(_LAZY)
+__all__ = [
+    "AlignmentObjective",
+    "DPOObjective",
+    "U2AConfig",
+    "U2ARefreshCallback",
+    "U2ATrainer",
+    "score_negatives",
+]
 
 if TYPE_CHECKING:
     from .callback import U2ARefreshCallback

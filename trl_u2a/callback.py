@@ -94,6 +94,7 @@ class U2ARefreshCallback(TrainerCallback):
         self.ghost: GhostDotProduct | None = None
         self._lr_sum = 0.0
         self._warned_no_retain = False
+        self._good: tuple[int, dict[str, torch.Tensor]] | None = None  # last trainable parameters that passed the guard
         # TRL's fused LM head reads `lm_head.weight` without calling the module, so the training backward cannot see
         # the head's share of a score; with a trainable head (full fine-tuning) every refresh rescores instead.
         head = trainer.model.get_output_embeddings()
@@ -216,7 +217,8 @@ class U2ARefreshCallback(TrainerCallback):
                 trainer.set_weights(new_state)
             if info["score_scale"] < args.min_score_scale:
                 logger.warning(
-                    f"U2A refresh {self.refresh_index}: the scores are negligible (mean |s| = {info['score_scale']:.3g} "
+                    f"U2A refresh {self.refresh_index}: the scores are negligible "
+                    f"(mean |s| = {info['score_scale']:.3g} "
                     f"< min_score_scale={args.min_score_scale}). The model may have memorised its negatives (near-zero "
                     "gradients), and the selection is then noise.",
                     main_process_only=True,
@@ -475,7 +477,8 @@ class U2ARefreshCallback(TrainerCallback):
         reason = None
         if args.patience and self.refreshes_without_improvement >= args.patience:
             reason = (
-                f"the alignment objective J has not improved for {args.patience} refreshes (best {self.best_objective:.4f}, "
+                f"the alignment objective J has not improved for {args.patience} refreshes "
+                f"(best {self.best_objective:.4f}, "
                 f"now {objective:.4f})"
             )
         elif (
@@ -507,11 +510,11 @@ class U2ARefreshCallback(TrainerCallback):
         self._good = (step, {n: p.detach().to("cpu", copy=True) for n, p in params.items()})
 
     def _restore_snapshot(self, record: dict[str, Any]) -> None:
-        good = getattr(self, "_good", None)
+        good = self._good
         if good is None:
             logger.warning(
                 "The collapsed model is not restored: no snapshot of the trainable parameters was kept (sharded "
-                "parameters, or more than %d of them); use the last checkpoint before the collapse." % SNAPSHOT_MAX_NUMEL,
+                f"parameters, or more than {SNAPSHOT_MAX_NUMEL} of them); use the last checkpoint before the collapse.",
                 main_process_only=True,
             )
             return
@@ -588,8 +591,11 @@ def _truncate_logs_to(output_dir: str, refresh_index: int) -> None:
             continue
         with open(path) as f:
             lines = [line for line in f if line.strip()]
-        kept = [line for line in lines if (json.loads(line).get("refresh") is not None
-                                           and json.loads(line)["refresh"] < refresh_index)]
+        kept = [
+            line
+            for line in lines
+            if (json.loads(line).get("refresh") is not None and json.loads(line)["refresh"] < refresh_index)
+        ]
         with open(path, "w") as f:
             f.writelines(kept)
 

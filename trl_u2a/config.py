@@ -219,7 +219,8 @@ class U2AConfig(KTOConfig):
             _check_non_negative(name, getattr(self, name))
         if self.loss_type == "graddiff" and self.retain_weight == 0:
             raise ValueError(
-                "loss_type='graddiff' is gradient ascent plus a retain term, but retain_weight=0. Set retain_weight > 0 "
+                "loss_type='graddiff' is gradient ascent plus a retain term, but retain_weight=0. Set retain_weight "
+                "> 0 "
                 "(e.g. 1.0), or use loss_type='ga'."
             )
         if not math.isfinite(self.max_weight) or self.max_weight < 1:

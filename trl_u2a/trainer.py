@@ -96,7 +96,8 @@ class U2ATrainer(KTOTrainer):
         "citation": textwrap.dedent("""\
             @article{feng2025u2a,
                 title        = {{Bridging the Gap Between Preference Alignment and Machine Unlearning}},
-                author       = {Xiaohua Feng and Yuyuan Li and Huwei Ji and Jiaming Zhang and Li Zhang and Tianyu Du and Chaochao Chen},
+                author       = {Xiaohua Feng and Yuyuan Li and Huwei Ji and Jiaming Zhang and Li Zhang and
+                                Tianyu Du and Chaochao Chen},
                 year         = 2025,
                 eprint       = {arXiv:2504.06659}
             }"""),
@@ -380,7 +381,8 @@ class U2ATrainer(KTOTrainer):
         loss_sum, logp_sum, num_negatives, nll_sum, num_retain = gather(stats[None]).sum(0).tolist()
         if not (math.isfinite(loss_sum) and math.isfinite(logp_sum)):
             raise FloatingPointError(
-                f"Non-finite unlearning loss at optimizer step {self.state.global_step + 1} ({mode}): loss sum {loss_sum}, "
+                f"Non-finite unlearning loss at optimizer step {self.state.global_step + 1} ({mode}): "
+                f"loss sum {loss_sum}, "
                 f"log-prob sum {logp_sum}. The learning rate may be too high (gradient-ascent collapse); the last "
                 "checkpoint holds the last good weights and adapter."
             )
@@ -423,9 +425,26 @@ class U2ATrainer(KTOTrainer):
         args = self.args
         w = self.weight_state.weights
         selected = w[w > 0]
-        fields = ["loss_type", "beta", "gamma", "retain_weight", "retain_loss", "weighting", "budget", "reweight_steps",
-                  "pool_size", "pa_samples", "weight_lr", "score_clip", "max_weight", "sparsity", "preconditioner",
-                  "damping", "beta_pa", "learning_rate"]
+        fields = [
+            "loss_type",
+            "beta",
+            "gamma",
+            "retain_weight",
+            "retain_loss",
+            "weighting",
+            "budget",
+            "reweight_steps",
+            "pool_size",
+            "pa_samples",
+            "weight_lr",
+            "score_clip",
+            "max_weight",
+            "sparsity",
+            "preconditioner",
+            "damping",
+            "beta_pa",
+            "learning_rate",
+        ]
         rows = "\n".join(f"| `{name}` | `{getattr(args, name)}` |" for name in fields)
         lines = [
             "",
@@ -449,7 +468,8 @@ class U2ATrainer(KTOTrainer):
         if self.refresh_callback is not None and self.refresh_callback.history:
             history = self.refresh_callback.history
             lines.append(
-                f"- Refreshes: {sum(r.get('refresh') is not None for r in history)}; alignment objective J (DPO loss on "
+                f"- Refreshes: {sum(r.get('refresh') is not None for r in history)}; alignment objective J "
+                "(DPO loss on "
                 f"the alignment set): {history[0]['objective']:.4f} at the start, {history[-1]['objective']:.4f} at "
                 "the end."
             )
@@ -513,7 +533,8 @@ class U2ATrainer(KTOTrainer):
         path = os.path.join(resume_from_checkpoint, STATE_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(
-                f"{resume_from_checkpoint} has no {STATE_FILE}: it was not written by U2ATrainer, so the weights of the "
+                f"{resume_from_checkpoint} has no {STATE_FILE}: it was not written by U2ATrainer, so the weights of "
+                "the "
                 "negatives cannot be restored."
             )
         self.load_u2a_state_dict(torch.load(path, weights_only=False))
