@@ -38,6 +38,7 @@ from .influence import (
 )
 from .modeling import move_batch, sequence_logps
 from .objectives import DPOObjective, as_objective, reference_logps
+from .sampler import mix_seed
 from .weighting import refresh_weights
 
 logger = get_logger(__name__)
@@ -137,7 +138,7 @@ class U2ARefreshCallback(TrainerCallback):
         trainer, args = self.trainer, self.trainer.args
         accelerator = trainer.accelerator
         model = accelerator.unwrap_model(trainer.model)
-        generator = torch.Generator().manual_seed(_mix(args.seed, self.refresh_index))
+        generator = torch.Generator().manual_seed(mix_seed(args.seed, self.refresh_index))
         if self.ghost is not None:
             self.ghost.detach()
             self.ghost = None
@@ -241,7 +242,7 @@ class U2ARefreshCallback(TrainerCallback):
         """`J` of the current model on the alignment pairs (no gradient), recorded as the final point of `history`."""
         trainer, accelerator = self.trainer, self.trainer.accelerator
         model = accelerator.unwrap_model(trainer.model)
-        generator = torch.Generator().manual_seed(_mix(trainer.args.seed, self.refresh_index))
+        generator = torch.Generator().manual_seed(mix_seed(trainer.args.seed, self.refresh_index))
         total = torch.zeros(2, dtype=torch.float64)
         with scoring_mode(model), torch.no_grad():
             for batch in self._pair_batches(model, generator):
@@ -291,14 +292,8 @@ class U2ARefreshCallback(TrainerCallback):
             # TRL keeps a frozen copy of a pretrained adapter as "ref"; a fresh adapter's start model is the base
             adapter = "ref" if "ref" in model.peft_config else None
             context = partial(use_adapter, model, adapter_name=adapter)
-        num_pairs = len(self.pairs)
-        batches = [
-            move_batch(
-                self.pair_collator([self.pairs[i] for i in range(s, min(s + self.batch_size, num_pairs))]),
-                _device(model),
-            )
-            for s in range(0, num_pairs, self.batch_size)
-        ]
+        all_pairs = list(range(len(self.pairs)))
+        batches = _collated(self.pair_collator, self.pairs, all_pairs, self.batch_size, _device(model))
         filled = reference_logps(model, batches, reference_context=context)
         return torch.cat([torch.stack([b["ref_chosen_logps"], b["ref_rejected_logps"]], dim=1).cpu() for b in filled])
 
@@ -339,13 +334,9 @@ class U2ARefreshCallback(TrainerCallback):
         scores = torch.zeros(chunk, dtype=torch.float32)
         if m:
             rows = self.trainer._negative_rows[padded].tolist()
-            batches = [
-                move_batch(
-                    self.trainer.data_collator([self.trainer.train_dataset[r] for r in rows[s : s + self.batch_size]]),
-                    _device(model),
-                )
-                for s in range(0, chunk, self.batch_size)
-            ]
+            batches = _collated(
+                self.trainer.data_collator, self.trainer.train_dataset, rows, self.batch_size, _device(model)
+            )
             scores = score_dataset(model, batches, self.loss_fn, query, desc=f"U2A refresh {self.refresh_index}").cpu()
         gathered = accelerator.gather(scores.to(accelerator.device)).cpu().view(world, chunk)
         counts = [len(candidates[r * chunk : (r + 1) * chunk]) for r in range(world)]
@@ -365,11 +356,8 @@ class U2ARefreshCallback(TrainerCallback):
         local = sample[accelerator.process_index :: accelerator.num_processes]
         total = torch.zeros(2, dtype=torch.float64)
         with torch.no_grad():
-            for s in range(0, len(local), self.batch_size):
-                batch = move_batch(
-                    trainer.data_collator([trainer.train_dataset[r] for r in local[s : s + self.batch_size]]),
-                    _device(model),
-                )
+            batches = _collated(trainer.data_collator, trainer.train_dataset, local, self.batch_size, _device(model))
+            for batch in batches:
                 logps, lengths = sequence_logps(
                     model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
                 )
@@ -606,8 +594,11 @@ def _device(model) -> torch.device:
     return torch.device("cpu")
 
 
-def _mix(*parts: int) -> int:
-    seed = 0
-    for part in parts:
-        seed = (seed * 1_000_003 + int(part) + 1) % (2**61 - 1)
-    return seed
+def _collated(collator, dataset, rows: list[int], batch_size: int, device) -> list[dict]:
+    """`rows` of `dataset`, in batches of `batch_size`, collated and moved to `device` (one column read per batch)."""
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        columns = dataset[rows[start : start + batch_size]]
+        examples = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        batches.append(move_batch(collator(examples), device))
+    return batches

@@ -104,7 +104,7 @@ class WeightedNegativeSampler(Sampler[int]):
         block_index, position = divmod(offset, block_size)
         key = (version, block_index)
         if key not in self._blocks:
-            generator = torch.Generator().manual_seed(_block_seed(self.seed, self.epoch, version, block_index))
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, version, block_index))
             if self.mode == "sampling":
                 block = active[torch.multinomial(weights[active], block_size, replacement=True, generator=generator)]
             else:
@@ -119,7 +119,7 @@ class WeightedNegativeSampler(Sampler[int]):
         block_index, position = divmod(k, len(self.retain_rows))
         key = (-1, block_index)
         if key not in self._blocks:
-            generator = torch.Generator().manual_seed(_block_seed(self.seed, self.epoch, -1, block_index))
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, -1, block_index))
             self._blocks[key] = torch.randperm(len(self.retain_rows), generator=generator)
         return self.retain_rows[self._blocks[key][position]]
 
@@ -137,9 +137,9 @@ class WeightedNegativeSampler(Sampler[int]):
         self._resume_table = (int(state["epoch"]), [(int(d), int(v), w.double().clone()) for d, v, w in state["table"]])
 
 
-def _block_seed(*parts: int) -> int:
-    """A fixed mix of small integers into a generator seed (Python's `hash` is not a contract across versions)."""
+def mix_seed(*parts: int) -> int:
+    """A fixed mix of integers into a generator seed (Python's `hash` is not a contract across versions)."""
     seed = 0
     for part in parts:
-        seed = (seed * 1_000_003 + part + 1) % (2**61 - 1)
+        seed = (seed * 1_000_003 + int(part) + 1) % (2**61 - 1)
     return seed
