@@ -1,0 +1,196 @@
+"""The benchmark scripts run end to end on the tiny model and write what docs/benchmarks.md reads.
+
+No timing is asserted: the figures depend on the machine and its load. What is checked is the structure of the
+results, that the interleaving scheduler runs one thread at a time in turns, that the synthetic rows have the
+requested length, and that ghost scores agree with the per-example loop.
+"""
+
+import json
+import os
+import sys
+import threading
+
+import pytest
+import torch
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCHMARKS)
+
+import _common as common  # noqa: E402
+
+ENV_KEYS = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "TOKENIZERS_PARALLELISM",
+    "TQDM_DISABLE",
+    "HF_HUB_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_HUB_DISABLE_TELEMETRY",
+)
+
+
+@pytest.fixture
+def isolated(monkeypatch):
+    """The scripts set thread counts and environment variables for their process; undo both after the test."""
+    for key in ENV_KEYS:
+        if key in os.environ:
+            monkeypatch.setenv(key, os.environ[key])
+        else:
+            monkeypatch.delenv(key, raising=False)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_round_robin_takes_turns():
+    names = ["a", "b", "c"]
+    baton = common.RoundRobin(names)
+    turns = {"a": 3, "b": 1, "c": 2}
+    log = []
+    running = []
+
+    def work(name):
+        baton.acquire(name)
+        for i in range(turns[name]):
+            running.append(name)
+            assert len(running) == 1, "two threads held the baton at once"
+            log.append(name)
+            running.remove(name)
+            if i < turns[name] - 1:
+                baton.release(name)
+                baton.acquire(name)
+        baton.finish(name)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    assert log == ["a", "b", "c", "a", "c", "a"]
+
+
+def test_synthetic_rows_reach_the_sequence_length():
+    from trl_u2a.testing import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    data = common.make_data(tokenizer, seq_len=64, n_negatives=6, n_retain=2, n_pairs=3, seed=1)
+    assert data["unpaired"]["label"] == [False] * 6 + [True] * 2
+    assert len(data["sft"]) == 8 and len(data["pairs"]) == 3
+
+    def length(text):
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    for row in data["unpaired"]:
+        assert length(row["prompt"]) <= 32
+        assert length(row["prompt"] + row["completion"]) >= 64
+    for row in data["pairs"]:
+        assert length(row["prompt"] + row["chosen"]) >= 64
+        assert length(row["prompt"] + row["rejected"]) >= 64
+
+
+@pytest.mark.slow
+def test_bench_trainer_smoke(tmp_path, isolated):
+    import bench_trainer
+
+    out = tmp_path / "trainer.json"
+    argv = [
+        "--models",
+        "tiny",
+        "--seq-lens",
+        "32",
+        "--batch-size",
+        "2",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--negatives",
+        "8",
+        "--retain",
+        "4",
+        "--pairs",
+        "4",
+        "--run-steps",
+        "4",
+        "--reweight-steps",
+        "2",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--json",
+        str(out),
+    ]
+    bench_trainer.main(argv)
+    report = json.loads(out.read_text())
+    case = report["cases"]["tiny/T32"]
+    step = case["step"]
+    assert set(step["trainers"]) == set(bench_trainer.STEP_TRAINERS)
+    for kind, res in step["trainers"].items():
+        assert len(res["steps"]) == 3, kind  # warm-up + timed: one turn per optimizer step
+    for ratio in step["ratios"].values():
+        assert ratio["cpu_median"] > 0 and ratio["wall_median"] > 0
+    overhead = case["overhead"]
+    runs = overhead["trainers"]
+    # refreshes before step 1 and after step 2; none after the last step (4)
+    assert runs["u2a_default"]["refresh"]["count"] == 2
+    assert [r["step"] for r in runs["u2a_default"]["refresh"]["each"]] == [0, 2]
+    assert runs["u2a_off"]["refresh"]["count"] == 0
+    assert runs["u2a_default"]["final_objective"] is not None
+    # with in-training scores the second refresh rescoring skips the negatives trained since the first
+    assert runs["u2a_default"]["num_scored"][0] == [8, 0]  # [scored in the refresh, scored in training]
+    assert runs["u2a_no_in_training_scores"]["num_scored"][1][1] == 0
+    assert set(overhead["overhead"]) == {"u2a_default", "u2a_no_in_training_scores"}
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_on_cpu(tmp_path, isolated):
+    import gpu_check
+
+    out = tmp_path / "scoring.json"
+    gpu_check.main(
+        [
+            "--device",
+            "cpu",
+            "--model",
+            "tiny",
+            "--seq-lens",
+            "32",
+            "--quant",
+            "none",
+            "--n",
+            "4",
+            "--batch-size",
+            "2",
+            "--dtype",
+            "float32",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--json",
+            str(out),
+        ]
+    )
+    case = json.loads(out.read_text())["cases"]["tiny/lora/T32"]
+    assert case["ghost_vs_per_example_max_rel_err"] < 1e-4
+    assert set(case["results"]) == {"train", "ghost", "per_example"}
+    assert case["ghost_vs_per_example_speedup"] > 0
+
+
+@pytest.mark.slow
+def test_refresh_scaling_worker_one_process(tmp_path, isolated):
+    import bench_refresh_scaling
+
+    args = bench_refresh_scaling.parse_args(
+        ["--negatives", "8", "--retain", "4", "--pairs", "4", "--batch-size", "2", "--repeats", "1"]
+    )
+    model_path = common.save_model("tiny", str(tmp_path / "models"))
+    run = bench_refresh_scaling.launch(args, model_path, 32, 1, str(tmp_path / "p1"))
+    (rank,) = run["ranks"]
+    assert rank["num_processes"] == 1 and rank["torch_threads"] == 1
+    assert [r["kind"] for r in rank["refreshes"]] == ["cold", "warm"]
+    assert all(r["num_scored"] == 8 for r in rank["refreshes"])
+    cold, warm = rank["refreshes"]
+    assert cold["components"]["_reference_pair_logps"][0] > 0
+    assert "_score" in warm["components"]
+    summary = bench_refresh_scaling.summarise([run])
+    assert set(summary) == {"cold", "warm"}
