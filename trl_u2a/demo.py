@@ -283,10 +283,37 @@ def _silence(trainer) -> None:
 
 
 def _make_args(cls, **kwargs):
-    """Build a TrainingArguments subclass without its deprecation warnings (the demo sets CPU-only fields)."""
+    """Build a TrainingArguments subclass for a CPU run without its deprecation warnings: fp32, no checkpointing,
+    no saving or reporting, data in the main process; `kwargs` add to or override these."""
+    cpu = dict(
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return cls(**kwargs)
+        return cls(**{**cpu, **kwargs})
+
+
+def _unlearning_run_args(cls, config, output_dir, learning_rate, seed, **kwargs):
+    """Arguments shared by every method compared in the benchmark: same steps, batch, schedule, length and seeds."""
+    return _make_args(
+        cls,
+        output_dir=output_dir,
+        per_device_train_batch_size=config.batch_size,
+        max_steps=config.steps,
+        learning_rate=learning_rate,
+        lr_scheduler_type="constant",
+        logging_steps=max(1, config.steps // 5),
+        max_length=config.max_length,
+        seed=seed,
+        data_seed=seed,
+        **kwargs,
+    )
 
 
 def _step_bar(desc: str):
@@ -454,11 +481,6 @@ def _train_start_model(seed: int, config: DemoConfig, splits, path: Path, settin
     args = _make_args(
         SFTConfig,
         output_dir=str(tmp / "sft"),
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
         per_device_train_batch_size=config.sft_batch_size,
         num_train_epochs=config.sft_epochs,
         learning_rate=config.sft_learning_rate,
@@ -467,8 +489,6 @@ def _train_start_model(seed: int, config: DemoConfig, splits, path: Path, settin
         max_length=config.max_length,
         logging_steps=10,
         seed=seed,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
     )
     with _quiet():
         trainer = SFTTrainer(
@@ -748,27 +768,7 @@ def _u2a_args(config: DemoConfig, output_dir: str, seed: int, loss_type: str, le
         beta_pa=config.beta_pa,
     )
     knobs.update(overrides)
-    return _make_args(
-        U2AConfig,
-        output_dir=output_dir,
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        per_device_train_batch_size=config.batch_size,
-        max_steps=config.steps,
-        learning_rate=learning_rate,
-        lr_scheduler_type="constant",
-        logging_steps=max(1, config.steps // 5),
-        max_length=config.max_length,
-        seed=seed,
-        data_seed=seed,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        loss_type=loss_type,
-        **knobs,
-    )
+    return _unlearning_run_args(U2AConfig, config, output_dir, learning_rate, seed, loss_type=loss_type, **knobs)
 
 
 def _train_columns(splits, weights: Sequence[float] | None):
@@ -863,26 +863,8 @@ def run_dpo(
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    args = _make_args(
-        DPOConfig,
-        output_dir=output_dir,
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        per_device_train_batch_size=config.batch_size,
-        max_steps=config.steps,
-        learning_rate=learning_rate,
-        lr_scheduler_type="constant",
-        logging_steps=max(1, config.steps // 5),
-        max_length=config.max_length,
-        beta=config.dpo_beta,
-        precompute_ref_log_probs=True,
-        seed=seed,
-        data_seed=seed,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
+    args = _unlearning_run_args(
+        DPOConfig, config, output_dir, learning_rate, seed, beta=config.dpo_beta, precompute_ref_log_probs=True
     )
     with _quiet():
         tokenizer = AutoTokenizer.from_pretrained(model_path)
