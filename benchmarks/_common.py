@@ -243,35 +243,43 @@ class RoundRobin:
     """Lets several threads run one at a time, in turns: `acquire(name)` blocks until it is `name`'s turn,
     `release(name)` hands the turn to the next unfinished thread. With one torch thread per run, this interleaves
     whole `Trainer.train()` runs step by step inside one process, so that load from other processes on a shared
-    machine hits every run alike; a run's time is the sum of its turns.
+    machine hits every run alike; a run's time is the sum of its turns. Round `r` visits the names rotated by `r`, so
+    that no run always follows the same other run (whose caches it would inherit).
     """
 
     def __init__(self, names):
         self.names = list(names)
-        self.turn = 0
+        self.round = 0
+        self.pos = 0
         self.finished: set[str] = set()
         self.cond = threading.Condition()
 
+    def _current(self) -> str:
+        k = len(self.names)
+        return self.names[(self.round + self.pos) % k]
+
     def acquire(self, name: str) -> None:
         with self.cond:
-            self.cond.wait_for(lambda: self.names[self.turn] == name)
+            self.cond.wait_for(lambda: self._current() == name)
 
     def _advance(self) -> None:
-        for _ in range(len(self.names)):
-            self.turn = (self.turn + 1) % len(self.names)
-            if self.names[self.turn] not in self.finished:
+        for _ in range(2 * len(self.names)):
+            self.pos += 1
+            if self.pos == len(self.names):
+                self.round, self.pos = self.round + 1, 0
+            if self._current() not in self.finished:
                 return
 
     def release(self, name: str) -> None:
         with self.cond:
-            if self.names[self.turn] == name:
+            if self._current() == name:
                 self._advance()
             self.cond.notify_all()
 
     def finish(self, name: str) -> None:
         with self.cond:
             self.finished.add(name)
-            if self.names[self.turn] == name and len(self.finished) < len(self.names):
+            if self._current() == name and len(self.finished) < len(self.names):
                 self._advance()
             self.cond.notify_all()
 

@@ -13,11 +13,15 @@ Two parts, each measured side by side in ONE process:
 
 How runs are interleaved: each trainer's `train()` runs in its own thread, and a round-robin baton lets exactly one
 thread run at a time, handing over after every optimizer step (`on_step_end`, after U2A's refresh). So every run
-advances one step per round and load from other processes hits all runs alike. A step's time is the wall and CPU
+advances one step per round and load from other processes hits all runs alike; round `r` visits the runs in an order
+rotated by `r` (with a fixed order, the run that always followed another one inherited its caches: 8-12 % slower
+steps on the tiny model). A step's time is the wall and CPU
 time (`time.process_time`, the whole process, in which only the baton holder runs) from the moment its thread gets
 the baton until its `on_step_end`: data loading, forward, backward, optimizer, callbacks and logging included. Every
 row of every trainer has exactly `--seq-len` tokens (synthetic text, truncated at `max_length`), so shapes match.
-Torch runs with `--threads` threads (OMP_NUM_THREADS is set before torch is imported).
+Torch runs with `--threads` threads (OMP_NUM_THREADS is set before torch is imported). `--grad-accum` sets the
+gradient accumulation of every trainer (`reweight_steps` counts optimizer steps, so it sets how many examples a
+reweighting window trains).
 
 Usage:
     python benchmarks/bench_trainer.py [--models tiny,bench20m] [--seq-lens 128,512] [--parts step,overhead]

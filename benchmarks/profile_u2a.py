@@ -2,10 +2,10 @@
 
 Three views, all on the same model, rows and LoRA as bench_trainer.py:
 
-- `--profiler torch`: `torch.profiler` over `--steps` training steps after the first refresh (and, with `--what
-  refresh`, over one refresh at step 0 and one after training), printing the operators by self CPU time, and the
-  counts that reveal waste per step: model forwards (a hook on the decoder), `aten::_local_scalar_dense` (each
-  `.item()`, `.tolist()`, `float(t)`: a host-device sync on a GPU) and device-to-host copies.
+- `--profiler torch`: `torch.profiler` over `--steps` training steps after the first refresh (with `--what
+  refresh`: over refresh 0, every negative scored, right after construction), printing the operators by self CPU
+  time, and the counts that reveal waste per step: model forwards (a hook on the decoder),
+  `aten::_local_scalar_dense` (each `.item()`, `float(t)`: a host-device sync on a GPU) and copies.
 - `--profiler cprofile`: `cProfile` of the same, printing the Python functions by cumulative time (Python overhead:
   row-by-row dataset access, per-step metrics, per-row loops).
 - `--profiler none`: just runs it, for `py-spy record -f raw -o out.txt -- python benchmarks/profile_u2a.py ...`;

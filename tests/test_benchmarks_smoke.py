@@ -68,7 +68,8 @@ def test_round_robin_takes_turns():
     for t in threads:
         t.join(timeout=30)
     assert not any(t.is_alive() for t in threads)
-    assert log == ["a", "b", "c", "a", "c", "a"]
+    # round r visits the names rotated by r: a b c | b c a | c a b; finished names are skipped
+    assert log == ["a", "b", "c", "c", "a", "a"]
 
 
 def test_synthetic_rows_reach_the_sequence_length():
