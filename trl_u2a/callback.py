@@ -292,10 +292,18 @@ class U2ARefreshCallback(TrainerCallback):
             # TRL keeps a frozen copy of a pretrained adapter as "ref"; a fresh adapter's start model is the base
             adapter = "ref" if "ref" in model.peft_config else None
             context = partial(use_adapter, model, adapter_name=adapter)
-        all_pairs = list(range(len(self.pairs)))
-        batches = _collated(self.pair_collator, self.pairs, all_pairs, self.batch_size, _device(model))
+        # Each rank computes an equal, padded chunk of the pairs (ZeRO-3 needs the same forwards on every rank)
+        accelerator = self.trainer.accelerator
+        world, rank = accelerator.num_processes, accelerator.process_index
+        num_pairs = len(self.pairs)
+        chunk = -(-num_pairs // world)
+        rows = list(range(rank * chunk, min((rank + 1) * chunk, num_pairs)))
+        rows += [0] * (chunk - len(rows))  # padding, dropped after the gather
+        batches = _collated(self.pair_collator, self.pairs, rows, self.batch_size, _device(model))
         filled = reference_logps(model, batches, reference_context=context)
-        return torch.cat([torch.stack([b["ref_chosen_logps"], b["ref_rejected_logps"]], dim=1).cpu() for b in filled])
+        local = torch.cat([torch.stack([b["ref_chosen_logps"], b["ref_rejected_logps"]], dim=1) for b in filled])
+        gathered = accelerator.gather(local.float().to(accelerator.device)).cpu().view(world, chunk, 2)
+        return torch.cat([gathered[r, : max(0, min(chunk, num_pairs - r * chunk))] for r in range(world)])
 
     def _candidates(self, generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Negatives to score now, and the (ids, scores) scored during training since the last refresh (all ranks)."""
@@ -334,8 +342,10 @@ class U2ARefreshCallback(TrainerCallback):
         scores = torch.zeros(chunk, dtype=torch.float32)
         if m:
             rows = self.trainer._negative_rows[padded].tolist()
+            # Collated on the CPU: `score_dataset` moves one batch at a time to the device (all of them at once
+            # would hold every candidate there at refresh 0)
             batches = _collated(
-                self.trainer.data_collator, self.trainer.train_dataset, rows, self.batch_size, _device(model)
+                self.trainer.data_collator, self.trainer.train_dataset, rows, self.batch_size, torch.device("cpu")
             )
             scores = score_dataset(model, batches, self.loss_fn, query, desc=f"U2A refresh {self.refresh_index}").cpu()
         gathered = accelerator.gather(scores.to(accelerator.device)).cpu().view(world, chunk)
@@ -399,9 +409,12 @@ class U2ARefreshCallback(TrainerCallback):
         coefficients = coefficients().double().cpu()
         accelerator = self.trainer.accelerator
         offset = accelerator.process_index * len(negative_ids)
-        for i in torch.nonzero(coefficients > 0).flatten().tolist():
-            order = (self._micro_batches, offset + i)
-            self.fresh_scores[int(negative_ids[i])] = (order, float(recorded[i] / coefficients[i]))
+        rows = torch.nonzero(coefficients > 0).flatten()
+        # One conversion per micro-batch, not two scalar reads per row
+        ids = negative_ids.cpu()[rows].tolist()
+        scores = (recorded[rows] / coefficients[rows]).tolist()
+        for i, negative_id, score in zip(rows.tolist(), ids, scores):
+            self.fresh_scores[negative_id] = ((self._micro_batches, offset + i), score)
         self._micro_batches += 1
         return result
 

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .losses import LOSS_TYPES, unlearning_loss
-from .modeling import batch_size_of, eval_mode, sequence_logps, slice_batch
+from .modeling import batch_size_of, eval_mode, model_device, move_batch, sequence_logps, slice_batch
 from .objectives import as_objective
 
 logger = logging.getLogger(__name__)
@@ -537,17 +537,25 @@ def score_negatives_batch(model: nn.Module, batch: dict, loss_fn: LossFn, v: Par
 
 
 def _ghost_scores(base: nn.Module, batch: dict, loss_fn: LossFn, v: ParamVector) -> torch.Tensor:
+    with scoring_mode(base), GhostDotProduct(base, v) as ghost:
+        return _ghost_batch(base, ghost, batch, loss_fn)
+
+
+def _ghost_batch(base: nn.Module, ghost: GhostDotProduct, batch: dict, loss_fn: LossFn) -> torch.Tensor:
+    """Scores of one batch with `ghost` attached, inside `scoring_mode` (entered once for many batches: both walk
+    every module of the model)."""
     batch_size = batch_size_of(batch)
-    with scoring_mode(base), GhostDotProduct(base, v) as ghost, torch.enable_grad():
+    with torch.enable_grad():
         ghost._edges = []
-        losses = _checked_losses(loss_fn(base, batch), batch_size, "loss_fn")
-        if ghost._edges:
-            # Ask autograd for the module outputs only: the tensor hooks see every `b` and no weight gradient is
-            # ever computed. GradientEdges, not the output tensors, so that outputs no backward needs (lora_B's)
-            # are not kept alive through the forward.
-            torch.autograd.grad(losses.sum(), ghost._edges, allow_unused=True)
-        edges, ghost._edges = ghost._edges, None
-        del edges
+        try:
+            losses = _checked_losses(loss_fn(base, batch), batch_size, "loss_fn")
+            if ghost._edges:
+                # Ask autograd for the module outputs only: the tensor hooks see every `b` and no weight gradient is
+                # ever computed. GradientEdges, not the output tensors, so that outputs no backward needs (lora_B's)
+                # are not kept alive through the forward.
+                torch.autograd.grad(losses.sum(), ghost._edges, allow_unused=True)
+        finally:
+            ghost._edges = None
         return ghost.scores(batch_size).to(losses.device)
 
 
@@ -612,11 +620,18 @@ def score_dataset(
             "(brute force, much slower).",
             stacklevel=2,
         )
-    scorer = _ghost_scores if (covered and method != "brute_force") else brute_force_scores
     total = len(batches) if hasattr(batches, "__len__") else None
+    progress = tqdm(batches, desc=desc, total=total, disable=_progress_disabled(), unit="batch")
+    device = model_device(base)
     out = []
-    for batch in tqdm(batches, desc=desc, total=total, disable=_progress_disabled(), unit="batch"):
-        out.append(scorer(base, batch, loss_fn, v).detach())
+    if covered and method != "brute_force":
+        # One scoring mode and one set of hooks for all batches; batches move to the device one at a time
+        with scoring_mode(base), GhostDotProduct(base, v) as ghost:
+            for batch in progress:
+                out.append(_ghost_batch(base, ghost, move_batch(batch, device), loss_fn).detach())
+    else:
+        for batch in progress:
+            out.append(brute_force_scores(base, move_batch(batch, device), loss_fn, v).detach())
     if not out:
         return torch.zeros(0, dtype=torch.float32)
     device = out[0].device
@@ -666,6 +681,12 @@ def _all_reduce_sum(tensors: list[torch.Tensor], bucket_numel: int = 1 << 24) ->
     flush()
 
 
+def _zeros_full(p: torch.Tensor) -> torch.Tensor:
+    """fp32 zeros of `p`'s full shape. Under ZeRO-3 a parameter outside its forward is an empty shard (`p.shape` is
+    `(0,)`) while autograd returns the gradient of the gathered, full-shape tensor: `ds_shape` is that shape."""
+    return torch.zeros(getattr(p, "ds_shape", p.shape), dtype=torch.float32, device=p.device)
+
+
 def alignment_gradient(
     model: nn.Module,
     objective,
@@ -704,8 +725,8 @@ def alignment_gradient(
         raise ValueError(f"{len(frozen)} of the given parameters do not require grad.")
 
     device = params[0].device
-    grad_sum = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    sq_sum = [torch.zeros_like(p, dtype=torch.float32) for p in params] if return_fisher else []
+    grad_sum = [_zeros_full(p) for p in params]
+    sq_sum = [_zeros_full(p) for p in params] if return_fisher else []
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of per-pair losses, pair count]
 
     def accumulate(losses: torch.Tensor, squares: bool) -> None:

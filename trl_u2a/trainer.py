@@ -182,7 +182,9 @@ class U2ATrainer(KTOTrainer):
                 f"retain_weight={args.retain_weight} (loss_type={args.loss_type!r}) needs retain examples, but "
                 "train_dataset has none: add rows with label=True, or use the preference format (chosen = retain)."
             )
-        self._weights = self.weight_state.weights.to(torch.float32)
+        # On the device: the loss gathers its rows' weights there every micro-step (from a CPU copy that is a
+        # host-to-device copy, and a stream sync, per micro-step)
+        self._weights = self.weight_state.weights.to(device=self.accelerator.device, dtype=torch.float32)
         self._sampler: WeightedNegativeSampler | None = None
         self._pending_sampler_state: dict | None = None
         self._pending_callback_state: dict | None = None
@@ -241,10 +243,14 @@ class U2ATrainer(KTOTrainer):
             model = self._precompute_engine
         else:
             model = self.ref_model or self.model
+        # NPO reads log π_0 of the negatives only; retain rows get 0 (the retain term never reads it)
+        targets = [i for i, retain in enumerate(dataset["label"]) if not retain]
+        if not targets:
+            return dataset.add_column("ref_logps", [0.0] * len(dataset))
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        chunk = -(-len(dataset) // world)
-        rows = list(range(rank * chunk, min((rank + 1) * chunk, len(dataset))))
-        rows += [0] * (chunk - len(rows))  # padding, dropped after the gather
+        chunk = -(-len(targets) // world)
+        rows = targets[rank * chunk : (rank + 1) * chunk]
+        rows += [targets[0]] * (chunk - len(rows))  # padding, dropped after the gather
         values = []
         for start in tqdm(
             range(0, chunk, batch_size),
@@ -256,7 +262,10 @@ class U2ATrainer(KTOTrainer):
             values.append(self.compute_ref_log_probs(model, batch)[0].float())
         local = torch.cat(values) if values else torch.zeros(0, device=self.accelerator.device)
         gathered = self.accelerator.gather(local).cpu().view(world, chunk)
-        ref_logps = torch.cat([gathered[r, : max(0, min(chunk, len(dataset) - r * chunk))] for r in range(world)])
+        ref_logps = torch.zeros(len(dataset))
+        ref_logps[targets] = torch.cat(
+            [gathered[r, : max(0, min(chunk, len(targets) - r * chunk))] for r in range(world)]
+        )
         return dataset.add_column("ref_logps", ref_logps.tolist())
 
     def _get_train_sampler(self, train_dataset=None):
@@ -279,7 +288,7 @@ class U2ATrainer(KTOTrainer):
     def set_weights(self, state: WeightState) -> None:
         """Install a new weight state: the loss uses it from the next batch, the sampler from the next draw."""
         self.weight_state = state
-        self._weights = state.weights.to(torch.float32)
+        self._weights = state.weights.to(device=self.accelerator.device, dtype=torch.float32)
         if self._sampler is not None:
             self._sampler.update_weights(state.weights)
 
@@ -317,13 +326,14 @@ class U2ATrainer(KTOTrainer):
             # Evaluation rows are not the training negatives: their ids do not index the training weights
             weights = is_negative.to(losses.dtype)
         else:
-            weights = self._weights.to(device)[negative_ids.clamp(min=0)].to(losses.dtype) * is_negative
-        # Σω of the global batch, as a per-rank mean (DDP averages gradients over ranks)
-        weight_total = self.accelerator.reduce(weights.sum().detach(), reduction="mean")
+            weights = self._weights[negative_ids.clamp(min=0)].to(losses.dtype) * is_negative
+        # Σω and the retain count of the global batch, as per-rank means (DDP averages gradients over ranks): one
+        # all-reduce for both
+        totals = torch.stack([weights.sum(), is_retain.sum().to(losses.dtype)]).detach()
+        weight_total, retain_count = self.accelerator.reduce(totals, reduction="mean").unbind()
         negative_loss = torch.where(weights > 0, weights * losses, 0.0).sum() / weight_total.clamp(min=1e-12)
         loss = negative_loss
 
-        retain_count = self.accelerator.reduce(is_retain.sum().to(losses.dtype), reduction="mean")
         retain_nll = torch.where(is_retain, nll_loss(logps, lengths), 0.0)
         if self.args.retain_weight > 0:
             if use_kl:
