@@ -43,9 +43,7 @@ def test_selection_precision_weights_and_objective_on_planted_task(tiny_model_pa
     common = dict(loss_type="npo", max_steps=8, learning_rate=3e-3, per_device_train_batch_size=4)
     trainer = U2ATrainer(
         model=tiny_model_path,
-        args=cpu_args(
-            tmp_path / "u2a", budget=6, reweight_steps=2, weight_lr=0.5, preconditioner="identity", **common
-        ),
+        args=cpu_args(tmp_path / "u2a", budget=6, reweight_steps=2, weight_lr=0.5, preconditioner="identity", **common),
         train_dataset=negatives,
         alignment_dataset=alignment,
     )
@@ -141,6 +139,41 @@ def test_patience_stops_training_with_a_reason(tiny_model_path, tmp_path, plante
     trainer.train()
     assert trainer.state.global_step == 2  # J never improves at lr 0: refreshes at steps 1 and 2 count
     assert "has not improved for 2 refreshes" in trainer.refresh_callback.history[-1]["stopped"]
+
+
+@pytest.mark.parametrize("refresh_seconds, warned", [(1.0, True), (0.1, False)])
+def test_refresh_time_is_logged_and_a_costly_refresh_warns_once(
+    tiny_model_path, tmp_path, planted, caplog, monkeypatch, refresh_seconds, warned
+):
+    """Each refresh records its wall time and the training window's before it; a refresh costing more than a quarter
+    of its window warns once. The clock is faked: every refresh takes `refresh_seconds`, every window 1 s."""
+    import types
+
+    import trl_u2a.callback as callback_module
+
+    def ticks():  # the clock read at the start and at the end of each refresh
+        now = 0.0
+        while True:
+            yield now
+            now += refresh_seconds
+            yield now
+            now += 1.0
+
+    clock = ticks()
+    monkeypatch.setattr(callback_module, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    negatives, alignment = planted
+    args = cpu_args(tmp_path, loss_type="ga", reweight_steps=1, max_steps=3, budget=6, preconditioner="identity")
+    trainer = U2ATrainer(model=tiny_model_path, args=args, train_dataset=negatives, alignment_dataset=alignment)
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    history = [r for r in trainer.refresh_callback.history if not r.get("final")]
+    assert len(history) == 3
+    assert all(r["refresh_seconds"] == pytest.approx(refresh_seconds) for r in history)
+    assert "window_seconds" not in history[0]
+    assert all(r["window_seconds"] == pytest.approx(1.0) for r in history[1:])
+    warnings = [m for m in caplog.messages if "of the 1.0 s that the 1 optimizer steps before it trained" in m]
+    assert len(warnings) == (1 if warned else 0)
+    assert any("u2a/refresh_seconds" in entry for entry in trainer.state.log_history)
 
 
 def test_resume_from_checkpoint_continues_exactly(tiny_model_path, tmp_path, planted):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from functools import partial
 from typing import Any
 
@@ -47,6 +48,9 @@ TRACE_FILE = "u2a_trace.jsonl"
 REFRESH_FILE = "u2a_refreshes.jsonl"
 RETAIN_SAMPLE = 64
 SNAPSHOT_MAX_NUMEL = 200_000_000  # 0.8 GB in fp32: adapters, not full models
+# A refresh that takes more than this fraction of the training time of the window before it gets one warning
+# (docs/benchmarks.md: the reweighting overhead is about (pool + stale + 2 * pairs) passes per refresh)
+OVERHEAD_WARNING = 0.25
 
 
 class U2ARefreshCallback(TrainerCallback):
@@ -95,6 +99,8 @@ class U2ARefreshCallback(TrainerCallback):
         self.ghost: GhostDotProduct | None = None
         self._lr_sum = 0.0
         self._warned_no_retain = False
+        self._warned_overhead = False
+        self._window_start: float | None = None  # when the last refresh ended (wall clock of this process)
         self._good: tuple[int, dict[str, torch.Tensor]] | None = None  # last trainable parameters that passed the guard
         # TRL's fused LM head reads `lm_head.weight` without calling the module, so the training backward cannot see
         # the head's share of a score; with a trainable head (full fine-tuning) every refresh rescores instead.
@@ -135,6 +141,7 @@ class U2ARefreshCallback(TrainerCallback):
     # ---------------------------------------------------------------- refresh
     def refresh(self, state, control) -> dict[str, Any]:
         """One refresh; returns its record (also appended to `history`)."""
+        started = time.perf_counter()
         trainer, args = self.trainer, self.trainer.args
         accelerator = trainer.accelerator
         model = accelerator.unwrap_model(trainer.model)
@@ -233,10 +240,35 @@ class U2ARefreshCallback(TrainerCallback):
             self._restore_snapshot(record)
         else:
             self._snapshot(state.global_step)
+        self._time(record, started)
         self._log(record, ids, all_scores)
         self.history.append(record)
         self.refresh_index += 1
         return record
+
+    def _time(self, record: dict[str, Any], started: float) -> None:
+        """Record the refresh's wall time and that of the training window before it; warn once when refreshes cost
+        more than `OVERHEAD_WARNING` of the training."""
+        now = time.perf_counter()
+        record["refresh_seconds"] = now - started
+        if self._window_start is not None:
+            record["window_seconds"] = started - self._window_start
+        self._window_start = now
+        window = record.get("window_seconds")
+        if self._warned_overhead or not window or record["refresh_seconds"] <= OVERHEAD_WARNING * window:
+            return
+        self._warned_overhead = True
+        args = self.trainer.args
+        effective_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        seconds = record["refresh_seconds"]
+        logger.warning(
+            f"U2A refresh {record['refresh']} took {seconds:.1f} s, {seconds / window:.0%} of the {window:.1f} s that "
+            f"the {args.reweight_steps} optimizer steps before it trained (effective batch {effective_batch}). A "
+            "refresh costs about pool_size + (selected negatives not trained since the last refresh) + 2 x (alignment "
+            "pairs) forward+backward passes: raise reweight_steps or the effective batch, or set pa_samples, to spend "
+            "less of the run on reweighting (docs/benchmarks.md).",
+            main_process_only=True,
+        )
 
     def _objective(self, step: int) -> float:
         """`J` of the current model on the alignment pairs (no gradient), recorded as the final point of `history`."""
@@ -433,6 +465,7 @@ class U2ARefreshCallback(TrainerCallback):
             "fraction_positive",
             "predicted_gain",
             "retain_nll",
+            "refresh_seconds",
         ):
             value = record.get(key)
             if value is not None:
