@@ -11,8 +11,9 @@
 #      (targets: ghost ≥ 10× the loop, ghost throughput ≥ 0.9× training)
 #   3. trainer, LoRA: U2A step vs KTO/SFT; U2A default vs reweighting off vs in_training_scores=False -> trainer_lora.json
 #   4. trainer, QLoRA: the same step comparison                                        -> trainer_qlora.json
-#   5. refresh scaling needs 2 GPUs: skipped on one card (the CPU figures are in docs/benchmarks.md).
-# Extra arguments after `--` go to every python step (e.g. `-- --seq-lens 512`).
+#   5. recipes: every `trl-u2a train` recipe for 10 steps under its launcher (gpu_recipes.py)  -> recipes.json
+#   6. refresh scaling needs 2 GPUs: skipped on one card (the CPU figures are in docs/benchmarks.md).
+# Extra arguments after `--` go to the scoring and trainer steps (e.g. `-- --seq-lens 512`).
 set -uo pipefail
 
 DEVICE=cuda
@@ -105,6 +106,11 @@ step trainer_lora "$LIMIT" "$PY" "$HERE/bench_trainer.py" "${DEV[@]}" "${THREADS
 # 4. trainer with QLoRA: step comparison
 step trainer_qlora "$LIMIT" "$PY" "$HERE/bench_trainer.py" "${DEV[@]}" "${THREADS[@]}" --bf16 --qlora \
   "${TRAIN_COMMON[@]}" --parts step --workdir "$WORK" --json "$DIR/trainer_qlora.json" "${EXTRA[@]}"
+
+# 5. every trl-u2a train recipe for a few steps, under its accelerate launcher
+RECIPES=()
+[ "$TINY" = 1 ] && RECIPES=(--tiny --max-steps 2)
+step recipes "$((LIMIT * 2))" "$PY" "$HERE/gpu_recipes.py" --device "$DEVICE" --out "$DIR" "${RECIPES[@]}"
 
 echo "refresh_scaling skipped: needs 2 GPUs" >> "$DIR/status.txt"
 echo "model $MODEL, device $DEVICE; results in $DIR:"

@@ -195,3 +195,17 @@ def test_refresh_scaling_worker_one_process(tmp_path, isolated):
     assert "_score" in warm["components"]
     summary = bench_refresh_scaling.summarise([run])
     assert set(summary) == {"cold", "warm"}
+
+
+def test_gpu_recipes_dry_run_on_cpu(tmp_path, isolated):
+    """The GPU recipe runner, on the tiny model: the start model is fine-tuned, the recipe trains in a subprocess with
+    the prepared data, and the result records its refreshes and the saved model."""
+    import gpu_recipes
+
+    code = gpu_recipes.main(
+        ["--out", str(tmp_path), "--device", "cpu", "--tiny", "--max-steps", "2", "--recipes", "pku_saferlhf.yaml"]
+    )
+    (result,) = json.loads((tmp_path / "recipes.json").read_text())["results"]
+    assert code == 0 and result["rc"] == 0 and result["saved"], result["error_tail"]
+    assert result["recipe"] == "pku_saferlhf.yaml" and result["launcher"] is None
+    assert result["refreshes"][0]["n_selected"] > 0 and result["refreshes"][0]["step"] == 0
