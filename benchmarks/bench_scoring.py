@@ -142,9 +142,7 @@ def run_method(method, model, params, v, batches, loss_fn):
         for i in range(batch["input_ids"].shape[0]):
             loss = loss_fn(model, slice_batch(batch, i)).sum()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
-            flat = torch.cat(
-                [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]
-            )
+            flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
             scores.append(torch.dot(flat, flat_v))
     model.train()
     return torch.stack(scores)

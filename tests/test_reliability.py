@@ -197,9 +197,7 @@ def test_non_finite_scores_skip_the_refresh_and_keep_the_weights(tiny_model_path
     alignment = Dataset.from_dict({"prompt": PROMPTS, "chosen": CHOSEN, "rejected": REJECTED})
     trainer = U2ATrainer(
         model=tiny_model_path,
-        args=cpu_args(
-            tmp_path, loss_type="ga", budget=3, reweight_steps=2, max_steps=3, per_device_train_batch_size=8
-        ),
+        args=cpu_args(tmp_path, loss_type="ga", budget=3, reweight_steps=2, max_steps=3, per_device_train_batch_size=8),
         train_dataset=preference_dataset,
         alignment_dataset=alignment,
         alignment_objective=objective_wrapped,

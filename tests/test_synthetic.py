@@ -127,9 +127,7 @@ def test_kinds_have_their_properties(task):
             assert not contains_harm_words(row["chosen"])
             assert contains_harm_words(row["rejected"]) == (row["kind"] == "harmful")
             assert row["chosen"] != row["rejected"]
-    truncated = [
-        row for row in rows["original"] if row["kind"] == "low_quality" and row["completion"][-1] not in ".!?"
-    ]
+    truncated = [row for row in rows["original"] if row["kind"] == "low_quality" and row["completion"][-1] not in ".!?"]
     assert truncated, "some low_quality answers are truncated"
 
 

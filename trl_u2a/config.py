@@ -228,11 +228,7 @@ class U2AConfig(KTOConfig):
             raise ValueError(
                 f"max_weight={self.max_weight} must be a finite number ≥ 1 (a multiple of the mean weight)."
             )
-        if (
-            isinstance(self.budget, bool)
-            or not isinstance(self.budget, (int, float))
-            or not math.isfinite(self.budget)
-        ):
+        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not math.isfinite(self.budget):
             raise ValueError(f"budget={self.budget!r} must be a number: a fraction in (0, 1] or a count above 1.")
         if self.budget <= 0:
             raise ValueError(f"budget={self.budget} must be > 0: a fraction in (0, 1] or a count above 1.")

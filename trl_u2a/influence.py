@@ -201,9 +201,7 @@ def tracked_parameters(model: nn.Module, warn: bool = True) -> list[nn.Parameter
     if not tracking.params:
         trainable = _unique([p for p in unwrap_model(model).parameters() if p.requires_grad])
         if not trainable:
-            raise ValueError(
-                "The model has no trainable parameter (nothing requires grad): there is nothing to score."
-            )
+            raise ValueError("The model has no trainable parameter (nothing requires grad): there is nothing to score.")
         if warn:
             warnings.warn(
                 "No trainable parameter sits in a module the ghost scorer can hook (nn.Linear / nn.Embedding); "

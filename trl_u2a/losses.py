@@ -14,9 +14,7 @@ LOSS_TYPES = ("ga", "graddiff", "npo", "simnpo")
 NEEDS_REFERENCE = ("npo",)
 
 
-def completion_logps(
-    per_token_logps: torch.Tensor, completion_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_logps(per_token_logps: torch.Tensor, completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum next-token log-probs over completion tokens.
 
     Args:

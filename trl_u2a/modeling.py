@@ -92,9 +92,7 @@ def slice_batch(batch: dict, index: int | slice) -> dict:
     size = batch_size_of(batch)
     if isinstance(index, int):
         index = slice(index, index + 1)
-    return {
-        k: (v[index] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == size else v) for k, v in batch.items()
-    }
+    return {k: (v[index] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == size else v) for k, v in batch.items()}
 
 
 def move_batch(batch: dict, device: torch.device | str) -> dict:

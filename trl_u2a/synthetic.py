@@ -506,9 +506,7 @@ def make_u2a_task(
     # responses_per_prompt - 1 (so that every prompt keeps a chosen answer) whenever the total allows it.
     total = responses_per_prompt * n_train
     n_rejected = min(max(round(rejected_fraction * total), 1), total - 1)
-    low, high = (
-        (1, responses_per_prompt - 1) if n_train <= n_rejected <= total - n_train else (0, responses_per_prompt)
-    )
+    low, high = (1, responses_per_prompt - 1) if n_train <= n_rejected <= total - n_train else (0, responses_per_prompt)
     per_prompt = [min(max(n_rejected // n_train, low), high)] * n_train
     while sum(per_prompt) != n_rejected:
         step = 1 if sum(per_prompt) < n_rejected else -1
