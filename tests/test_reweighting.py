@@ -142,7 +142,7 @@ def test_patience_stops_training_with_a_reason(tiny_model_path, tmp_path, plante
 
 
 @pytest.mark.parametrize("refresh_seconds, warned", [(1.0, True), (0.1, False)])
-def test_refresh_time_is_logged_and_a_costly_refresh_warns_once(
+def test_refresh_time_is_logged_and_a_costly_refresh_warns_once_and_plots_can_be_off(
     tiny_model_path, tmp_path, planted, caplog, monkeypatch, refresh_seconds, warned
 ):
     """Each refresh records its wall time and the training window's before it; a refresh costing more than a quarter
@@ -162,10 +162,22 @@ def test_refresh_time_is_logged_and_a_costly_refresh_warns_once(
     clock = ticks()
     monkeypatch.setattr(callback_module, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
     negatives, alignment = planted
-    args = cpu_args(tmp_path, loss_type="ga", reweight_steps=1, max_steps=3, budget=6, preconditioner="identity")
+    # The second case also switches the end-of-training plots off (same short run)
+    plots = warned
+    args = cpu_args(
+        tmp_path,
+        loss_type="ga",
+        reweight_steps=1,
+        max_steps=3,
+        budget=6,
+        preconditioner="identity",
+        save_refresh_plots=plots,
+    )
     trainer = U2ATrainer(model=tiny_model_path, args=args, train_dataset=negatives, alignment_dataset=alignment)
     with caplog.at_level("WARNING"):
         trainer.train()
+    assert (tmp_path / "u2a_plots").is_dir() == plots
+    assert (tmp_path / "u2a_refreshes.jsonl").exists()
     history = [r for r in trainer.refresh_callback.history if not r.get("final")]
     assert len(history) == 3
     assert all(r["refresh_seconds"] == pytest.approx(refresh_seconds) for r in history)

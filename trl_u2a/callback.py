@@ -133,7 +133,7 @@ class U2ARefreshCallback(TrainerCallback):
             # J after the last window, so that every refresh has its realised change (no scoring: weights are final)
             final = self._objective(state.global_step)
             self.trainer._metrics["train"]["u2a/objective"].append(final)
-        if self.trainer.accelerator.is_main_process and self.history:
+        if self.trainer.accelerator.is_main_process and self.history and args.save_refresh_plots:
             from .plots import plot_refreshes
 
             plot_refreshes(self.history, os.path.join(args.output_dir, "u2a_plots"))

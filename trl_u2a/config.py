@@ -91,6 +91,9 @@ class U2AConfig(KTOConfig):
         min_score_scale (`float`, *optional*, defaults to `1e-8`):
             Warn when the scale of the scores is below this: the start model may have memorised its negatives, and the
             selection is then noise.
+        save_refresh_plots (`bool`, *optional*, defaults to `True`):
+            At the end of training, draw `J`, the weights and the scores of every refresh as PNGs in
+            `output_dir/u2a_plots` (main process; about 2 s). The JSONL trace is written either way.
 
     > [!NOTE]
     > These parameters have default values different from [`trl.KTOConfig`]:
@@ -199,6 +202,9 @@ class U2AConfig(KTOConfig):
     )
     min_score_scale: float = field(
         default=1e-8, metadata={"help": "Warn when the scores' scale is below this (memorised negatives)."}
+    )
+    save_refresh_plots: bool = field(
+        default=True, metadata={"help": "Draw the refreshes as PNGs in output_dir/u2a_plots at the end of training."}
     )
 
     def __post_init__(self):
