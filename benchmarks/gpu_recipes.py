@@ -71,7 +71,7 @@ def prepare(work: Path, tiny: bool) -> dict[str, str]:
     for name, conversational in (("pku", False), ("pku-chat", True)):
         prepare_data(str(source), str(work / "data" / name), num_test_prompts=8, conversational=conversational)
         data[name] = str(work / "data" / name)
-    data["ultrafeedback"] = data["pku-chat"]  # the UltraFeedback recipe reads chat messages
+    data["ultrafeedback"] = data["pku"]  # the paper recipes read strings (prepare-data without --conversational)
     return {"model": start_model(model, data["pku"], work / "start-model", tiny), **data}
 
 
