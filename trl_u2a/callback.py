@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -291,7 +292,7 @@ class U2ARefreshCallback(TrainerCallback):
         elif hasattr(model, "peft_config"):
             # TRL keeps a frozen copy of a pretrained adapter as "ref"; a fresh adapter's start model is the base
             adapter = "ref" if "ref" in model.peft_config else None
-            context = partial(use_adapter, model, adapter_name=adapter)
+            context = partial(_reference_adapter, model, adapter)
         # Each rank computes an equal, padded chunk of the pairs (ZeRO-3 needs the same forwards on every rank)
         accelerator = self.trainer.accelerator
         world, rank = accelerator.num_processes, accelerator.process_index
@@ -599,6 +600,28 @@ def _truncate_logs_to(output_dir: str, refresh_index: int) -> None:
         ]
         with open(path, "w") as f:
             f.writelines(kept)
+
+
+@contextmanager
+def _reference_adapter(model, adapter: str | None):
+    """TRL's `use_adapter` (the "ref" adapter, or none), with every parameter's `requires_grad` kept as it was.
+
+    PEFT's adapter switch also sets `requires_grad` (False on a disabled adapter, True on the one switched to). The
+    reference pass may be the first forward of an FSDP2 model, where FSDP2 fixes each group's gradient dtypes from the
+    parameters that require grad at that moment: with the adapter frozen it finds none, and the first training
+    backward then fails to reduce the bf16 gradients into the fp32 adapter ("attempting to assign a gradient with
+    dtype BFloat16 to a tensor with grad_dtype Float"). The pass runs under `no_grad`, so the flags change nothing
+    in it.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        with use_adapter(model, adapter_name=adapter):
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def _device(model) -> torch.device:

@@ -572,10 +572,10 @@ def brute_force_scores(model: nn.Module, batch: dict, loss_fn: LossFn, v: ParamV
         raise ValueError("v is empty.")
     batch_size = batch_size_of(batch)
     scores = torch.zeros(batch_size, dtype=torch.float32, device=params[0].device)
-    with scoring_mode(base), torch.enable_grad():
+    with scoring_mode(base), torch.enable_grad(), _ForwardParameters(base, params) as forward:
         for i in range(batch_size):
             loss = _checked_losses(loss_fn(base, slice_batch(batch, i)), 1, "loss_fn")
-            grads = torch.autograd.grad(loss.sum(), params, allow_unused=True)
+            grads = torch.autograd.grad(loss.sum(), forward.used, allow_unused=True)
             total = torch.zeros((), dtype=torch.float32, device=scores.device)
             for p, g in zip(params, grads):
                 if g is not None:
@@ -682,9 +682,44 @@ def _all_reduce_sum(tensors: list[torch.Tensor], bucket_numel: int = 1 << 24) ->
 
 
 def _zeros_full(p: torch.Tensor) -> torch.Tensor:
-    """fp32 zeros of `p`'s full shape. Under ZeRO-3 a parameter outside its forward is an empty shard (`p.shape` is
-    `(0,)`) while autograd returns the gradient of the gathered, full-shape tensor: `ds_shape` is that shape."""
+    """fp32 zeros of `p`'s full shape, a plain tensor. Under ZeRO-3 a parameter outside its forward is an empty shard
+    (`p.shape` is `(0,)`) while autograd returns the gradient of the gathered, full-shape tensor: `ds_shape` is that
+    shape. Under FSDP2 `p` is a sharded DTensor whose `shape` is already the global one, and the gradient is that of
+    the unsharded plain tensor (`_ForwardParameters`)."""
     return torch.zeros(getattr(p, "ds_shape", p.shape), dtype=torch.float32, device=p.device)
+
+
+class _ForwardParameters:
+    """The tensors that stand for `params` in the forwards run while attached: what `torch.autograd.grad` must be
+    asked for to get their gradients.
+
+    FSDP2 holds a parameter as a sharded DTensor outside the forward and swaps in an all-gathered, unsharded plain
+    tensor for it while its FSDP module runs; the sharded DTensor is not in the autograd graph (its gradient would be
+    None). A forward pre-hook on each module that owns one of `params` reads the attribute as the forward sees it
+    (FSDP2's own pre-hook, on the module or an ancestor, has run by then), so `used[i]` is the unsharded tensor,
+    whose gradient is the full one. Everywhere else (plain, DDP, ZeRO-3, which gathers in place) it is the parameter
+    itself, which `used` starts as.
+    """
+
+    def __init__(self, model: nn.Module, params: Sequence[torch.Tensor]):
+        self.used = list(params)
+        index = {id(p): i for i, p in enumerate(params)}
+        self._handles = []
+        for module in model.modules():
+            owned = [(name, index[id(p)]) for name, p in module.named_parameters(recurse=False) if id(p) in index]
+            if owned:
+                self._handles.append(module.register_forward_pre_hook(partial(self._capture, owned=owned)))
+
+    def _capture(self, module, args, owned):
+        for name, i in owned:
+            self.used[i] = getattr(module, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
 
 
 def alignment_gradient(
@@ -730,7 +765,7 @@ def alignment_gradient(
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of per-pair losses, pair count]
 
     def accumulate(losses: torch.Tensor, squares: bool) -> None:
-        grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
+        grads = torch.autograd.grad(losses.sum(), forward.used, allow_unused=True)
         for i, g in enumerate(grads):
             if g is None:
                 continue
@@ -741,7 +776,7 @@ def alignment_gradient(
         totals[0] += losses.detach().sum().to(torch.float64)
         totals[1] += losses.shape[0]
 
-    with scoring_mode(base), torch.enable_grad():
+    with scoring_mode(base), torch.enable_grad(), _ForwardParameters(base, params) as forward:
         for batch in pair_batches:
             if return_fisher:
                 # The empirical Fisher needs each pair's own gradient: one pair at a time.
@@ -856,8 +891,13 @@ def _adam_denominators(grads: ParamVector, optimizer, damping: float) -> dict | 
             return None
         key = "max_exp_avg_sq" if group.get("amsgrad", False) and "max_exp_avg_sq" in state else "exp_avg_sq"
         exp_avg_sq = state.get(key)
+        # A ZeRO-3 parameter is an empty shard and its optimizer state lives in DeepSpeed's flat partitions: no match
         if exp_avg_sq is None or exp_avg_sq.shape != p.shape:
             return None
+        if hasattr(exp_avg_sq, "full_tensor"):
+            # FSDP2: the state is a DTensor sharded like its parameter, `g` the full plain gradient. `full_tensor` is
+            # a collective; every rank walks the same parameters and the same (step-synchronous) states
+            exp_avg_sq = exp_avg_sq.full_tensor()
         step = float(state["step"])
         if step <= 0:
             return None
