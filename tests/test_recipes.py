@@ -301,6 +301,10 @@ SHARDED = {
     "zero2": ("zero2.yaml", "lora_multi_gpu.yaml", "no"),
     "zero3": ("zero3.yaml", "full_zero3.yaml", "no"),
 }
+# Launch-specific settings. zero3 (full fine-tuning, NPO, no ref_model): the reference log-probs of the negatives in
+# one forward per rank, which used to break the first training forward with "IndexError: pop from an empty deque" (the
+# reference pass's DeepSpeed engine left its ZeRO-3 hooks on the module; see U2ATrainer._precompute_ref_logps)
+EXTRA = {"zero3": ["--precompute_ref_batch_size", "64"]}
 # A refresh after each step: refresh 0 (before any step) and refresh 1 (after one step, with the in-training scores of
 # the first batch). Identity preconditioner: DeepSpeed keeps the optimizer state in its own flat partitions, so "adam"
 # falls back to identity there (and not in the one-process run); and after one step Adam's second moment of LoRA's A
@@ -347,17 +351,14 @@ def test_sharded_launch_matches_one_process(kind, start_model, prepared_root, tm
         pytest.importorskip("deepspeed", reason="deepspeed is not installed (it is in the `test` extra)")
     # Adam in the bf16 launch: its refresh 1 reads the optimizer state, a DTensor under FSDP2
     settings = [*TINY_BUDGET, "--reweight_steps", "1"] if mixed_precision == "bf16" else [*TINY_BUDGET, *PARITY, *FP32]
+    settings += EXTRA.get(kind, [])
     overrides = [
         *run_overrides(start_model, data, tmp_path / kind),
-        *settings,  # NPO's reference pass and the scores keep the per-device batch of 2
+        *settings,  # the scores keep the per-device batch of 2, and so does NPO's reference pass but in zero3
         # use_cpu=False: with use_cpu=True accelerate maps the ranks to MULTI_CPU and drops FSDP/DeepSpeed
         "--use_cpu", "false",
         "--bf16", "false",
     ]  # fmt: skip
-    # With a single reference forward per rank (e.g. --precompute_ref_batch_size 64), ZeRO-3 currently fails in the
-    # first training forward with "IndexError: pop from an empty deque" in DeepSpeed's parameter coordinator:
-    # U2ATrainer._precompute_ref_logps wraps the model in a second DeepSpeed engine whose ZeRO-3 hooks stay on the
-    # module that the training engine then wraps.
     code, output, facts = launch(
         launcher,
         recipe_name,
