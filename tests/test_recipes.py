@@ -298,6 +298,8 @@ SHARDED = {
     # launcher, recipe, mixed precision: what the launch shards, and in which precision
     "fsdp2": ("fsdp2.yaml", "lora_multi_gpu.yaml", "no"),
     "fsdp2_bf16": ("fsdp2.yaml", "lora_multi_gpu.yaml", "bf16"),
+    # full fine-tuning (the ZeRO-3 recipe) under FSDP2: every trainable weight a DTensor shard, the tied embedding too
+    "fsdp2_full": ("fsdp2.yaml", "full_zero3.yaml", "no"),
     "zero2": ("zero2.yaml", "lora_multi_gpu.yaml", "no"),
     "zero3": ("zero3.yaml", "full_zero3.yaml", "no"),
 }
