@@ -388,6 +388,7 @@ def test_sharded_launch_matches_one_process(kind, start_model, prepared_root, tm
             else:  # parameters sharded
                 assert rank["local_parameters"] * 2 == rank["global_parameters"]
     assert code == 0, output
+    assert "brute force" not in output  # every score by ghost dot products (no parameter lost to the hooks)
     assert (tmp_path / kind / "model.safetensors").exists() or (tmp_path / kind / "adapter_model.safetensors").exists()
     records = _refresh_records(tmp_path / kind)
     assert [r["step"] for r in records] == [0, 1] and all(r["n_selected"] > 0 for r in records)

@@ -156,13 +156,32 @@ class Tracking:
         return all(id(p) in ids for p in v)
 
 
+def _reshard_fsdp2(model: nn.Module) -> None:
+    """Put every FSDP2 module of `model` back on its sharded DTensor parameters.
+
+    The parameters are keys (of `v`, of the gradients), so they must be the same objects whenever they are read. A
+    module that FSDP2 does not reshard after its forward (the root, and accelerate's group of the final norm and
+    `lm_head`, until a backward ends) exposes its unsharded tensors after a forward without a backward, e.g. a
+    reference or retain-NLL pass. No-op without FSDP2.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed support
+        return
+    for module in unwrap_model(model).modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def resolve_tracking(model: nn.Module) -> Tracking:
     """Split the trainable parameters of `model` into covered (scored by ghost dot products) and excluded.
 
     A parameter is covered when every module that owns it is tracked: a weight tied between the input embedding
-    and `lm_head` is owned by both, and covered because both are tracked (their contributions add).
+    and `lm_head` is owned by both, and covered because both are tracked (their contributions add). Under FSDP2 the
+    parameters are the sharded DTensors (`_reshard_fsdp2`).
     """
     model = unwrap_model(model)
+    _reshard_fsdp2(model)
     modules = tracked_modules(model)
     tracked_ids = {id(m) for _, m in modules}
     owners: dict[int, list[nn.Module]] = {}
@@ -704,6 +723,7 @@ class _ForwardParameters:
     def __init__(self, model: nn.Module, params: Sequence[torch.Tensor]):
         self.used = list(params)
         index = {id(p): i for i, p in enumerate(params)}
+        _reshard_fsdp2(model)  # so that the modules hold `params` (sharded) whatever ran before
         self._handles = []
         for module in model.modules():
             owned = [(name, index[id(p)]) for name, p in module.named_parameters(recurse=False) if id(p) in index]
