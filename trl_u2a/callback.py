@@ -29,6 +29,7 @@ from trl.trainer.utils import use_adapter
 
 from . import data as u2a_data
 from .influence import (
+    PADDING,
     GhostDotProduct,
     compute_query,
     make_unlearning_loss_fn,
@@ -247,7 +248,7 @@ class U2ARefreshCallback(TrainerCallback):
         total = torch.zeros(2, dtype=torch.float64)
         with scoring_mode(model), torch.no_grad():
             for batch in self._pair_batches(model, generator):
-                losses = self.objective(model, batch)
+                losses = self.objective(model, batch)[~batch[PADDING]]
                 total += torch.tensor([losses.double().sum().item(), len(losses)], dtype=torch.float64)
         total = accelerator.reduce(total.to(accelerator.device), reduction="sum").cpu()
         value = float(total[0] / total[1])
@@ -268,11 +269,12 @@ class U2ARefreshCallback(TrainerCallback):
         order = torch.arange(num_pairs)
         if self.trainer.args.pa_samples is not None:
             order = torch.randperm(num_pairs, generator=generator)[: self.trainer.args.pa_samples].sort().values
-        local = order[accelerator.process_index :: accelerator.num_processes].tolist()
+        local, padding = _padded_share(order.tolist(), accelerator.process_index, accelerator.num_processes)
         batches = []
         for start in range(0, len(local), self.batch_size):
             rows = local[start : start + self.batch_size]
             batch = self.pair_collator([self.pairs[i] for i in rows])
+            batch[PADDING] = padding[start : start + self.batch_size]
             if self.ref_pair_logps is not None:
                 batch["ref_chosen_logps"] = self.ref_pair_logps[rows, 0]
                 batch["ref_rejected_logps"] = self.ref_pair_logps[rows, 1]
@@ -364,14 +366,16 @@ class U2ARefreshCallback(TrainerCallback):
                 self._warned_no_retain = True
             return None
         sample = retain_rows[:RETAIN_SAMPLE].tolist()
-        local = sample[accelerator.process_index :: accelerator.num_processes]
+        local, padding = _padded_share(sample, accelerator.process_index, accelerator.num_processes)
         total = torch.zeros(2, dtype=torch.float64)
         with torch.no_grad():
             batches = _collated(trainer.data_collator, trainer.train_dataset, local, self.batch_size, _device(model))
-            for batch in batches:
+            for start, batch in zip(range(0, len(local), self.batch_size), batches):
                 logps, lengths = sequence_logps(
                     model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
                 )
+                real = ~padding[start : start + self.batch_size].to(logps.device)
+                logps, lengths = logps[real], lengths[real]
                 total += torch.stack(
                     [
                         (-logps / lengths.clamp(min=1)).sum().double().cpu(),
@@ -622,6 +626,17 @@ def _reference_adapter(model, adapter: str | None):
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+def _padded_share(rows: list[int], rank: int, world: int) -> tuple[list[int], torch.Tensor]:
+    """This rank's round-robin share of `rows`, padded (with its first row, or the first of all) to the size of the
+    largest share, and the `(n,)` bool mask of the padding: every rank then runs the same forwards, as ZeRO-3 and
+    FSDP2 need (they gather the parameters in collectives inside each forward)."""
+    local = rows[rank::world]
+    size = -(-len(rows) // world)
+    padding = torch.zeros(size, dtype=torch.bool)
+    padding[len(local) :] = True
+    return local + (local or rows)[:1] * (size - len(local)), padding
 
 
 def _device(model) -> torch.device:

@@ -52,6 +52,9 @@ PRECONDITIONERS = ("identity", "adam", "fisher")
 DEFAULT_BETAS = {"npo": 0.1, "simnpo": 4.5}
 
 LossFn = Callable[[nn.Module, dict], torch.Tensor]
+# Optional bool `(P,)` entry of a pair batch: rows that a rank runs only so that every rank runs the same forwards
+# (ZeRO-3 and FSDP2 gather the parameters in collectives inside each forward); their losses are dropped.
+PADDING = "padding"
 ParamVector = dict  # dict[nn.Parameter, torch.Tensor], keyed by parameter identity
 
 
@@ -755,7 +758,9 @@ def alignment_gradient(
     Args:
         model: the policy (unwrapped from DDP etc.; run in eval mode with gradient checkpointing off).
         objective: an `AlignmentObjective` or any `fn(model, batch) -> (P,)`.
-        pair_batches: this rank's pair batches (with reference log-probs if the objective needs them).
+        pair_batches: this rank's pair batches (with reference log-probs if the objective needs them). Under ZeRO-3
+            or FSDP2 every rank must pass as many batches, of as many rows with `return_fisher`: pad with rows
+            marked in a `PADDING` entry, which run but do not count.
         params: the parameters to differentiate (default `tracked_parameters(model)`).
         return_fisher: also compute the diagonal empirical Fisher `mean_p (∇ℓ_p)²`; this runs one forward+backward
             per pair (batch size 1) instead of one per batch.
@@ -819,10 +824,14 @@ def alignment_gradient(
 
 
 def _pair_losses(objective, model, batch) -> torch.Tensor:
+    """The per-pair losses of the batch's real rows (`PADDING` rows dropped, after their forward)."""
     losses = objective(model, batch)
     if not torch.is_tensor(losses) or losses.dim() != 1:
         raise ValueError("The alignment objective must return a 1-D per-pair loss tensor (P,).")
-    return losses
+    padding = batch.get(PADDING)
+    # Indexing keeps a padded row in the graph, with a zero gradient, so that the backward reaches every
+    # parameter on every rank (FSDP2 and ZeRO-3 also run collectives in the backward)
+    return losses if padding is None else losses[~padding.to(losses.device)]
 
 
 _ADAM_FALLBACK_LOGGED = False
