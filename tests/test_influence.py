@@ -435,6 +435,23 @@ def test_adam_preconditioner_uses_optimizer_state(pa_setup, caplog):
     assert all(torch.allclose(q[p], v[p], rtol=1e-4, atol=1e-8) for p in params)
 
 
+def test_padding_rows_run_but_do_not_count(pa_setup):
+    """Rows marked in `PADDING` (a rank evening out its forwards with the others) change neither J, nor its gradient,
+    nor the Fisher, nor the pair count."""
+    model, batches = pa_setup
+    params = inf.tracked_parameters(model)
+    objective = DPOObjective(beta=0.1)
+    plain = inf.alignment_gradient(model, objective, batches, params, return_fisher=True)
+    padded_batch = {k: torch.cat([t, t[:1]]) for k, t in batches[1].items()}  # its one pair, then a padding copy
+    padded_batch[inf.PADDING] = torch.tensor([False, True])
+    only_padding = dict(slice_batch(padded_batch, slice(1, 2)))  # a batch of padding alone
+    padded = inf.alignment_gradient(model, objective, [batches[0], padded_batch, only_padding], params, True)
+    assert padded.num_pairs == plain.num_pairs == 3
+    assert padded.objective_value == pytest.approx(plain.objective_value, rel=1e-6)
+    for p in params:
+        assert rel_err(padded[p], plain[p]) <= TOL and rel_err(padded.fisher[p], plain.fisher[p]) <= TOL
+
+
 def test_identity_preconditioner_and_errors(pa_setup):
     model, batches = pa_setup
     params = inf.tracked_parameters(model)
