@@ -435,6 +435,23 @@ def test_adam_preconditioner_uses_optimizer_state(pa_setup, caplog):
     assert all(torch.allclose(q[p], v[p], rtol=1e-4, atol=1e-8) for p in params)
 
 
+def test_padding_rows_run_but_do_not_count(pa_setup):
+    """Rows marked in `PADDING` (a rank evening out its forwards with the others) change neither J, nor its gradient,
+    nor the Fisher, nor the pair count."""
+    model, batches = pa_setup
+    params = inf.tracked_parameters(model)
+    objective = DPOObjective(beta=0.1)
+    plain = inf.alignment_gradient(model, objective, batches, params, return_fisher=True)
+    padded_batch = {k: torch.cat([t, t[:1]]) for k, t in batches[1].items()}  # its one pair, then a padding copy
+    padded_batch[inf.PADDING] = torch.tensor([False, True])
+    only_padding = dict(slice_batch(padded_batch, slice(1, 2)))  # a batch of padding alone
+    padded = inf.alignment_gradient(model, objective, [batches[0], padded_batch, only_padding], params, True)
+    assert padded.num_pairs == plain.num_pairs == 3
+    assert padded.objective_value == pytest.approx(plain.objective_value, rel=1e-6)
+    for p in params:
+        assert rel_err(padded[p], plain[p]) <= TOL and rel_err(padded.fisher[p], plain.fisher[p]) <= TOL
+
+
 def test_identity_preconditioner_and_errors(pa_setup):
     model, batches = pa_setup
     params = inf.tracked_parameters(model)
@@ -667,3 +684,98 @@ def test_alignment_gradient_all_reduces_across_two_processes(tmp_path):
             torch.testing.assert_close(g, union[p])
         for g, p in zip(res["empty"], params):
             torch.testing.assert_close(g, rank0[p])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FSDP2 over two processes: parameters are DTensor shards outside the forward
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _tiny_loss_fn(model, batch):
+    return model(batch["x"]).pow(2).mean((-1, -2))  # (B,): one loss per row
+
+
+def _tiny_step(model, optimizer):
+    """One AdamW step on fixed data (the same on every rank, so that FSDP2's averaged gradient is the plain one)."""
+    optimizer.zero_grad()
+    _tiny_loss_fn(model, _tiny_pairs(7, [4])[0]).sum().backward()
+    optimizer.step()
+
+
+def _fsdp2_worker(rank, world_size, store, out_dir):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        model = _TinyNet()
+        fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
+        sharded = list(model.parameters())
+        assert all(type(p).__name__ == "DTensor" for p in sharded)
+        # FSDP2 does not reshard the root after a forward that no backward follows (a reference pass)
+        with torch.no_grad():
+            model(_tiny_pairs(5, [4])[0]["x"])
+        assert not any(type(p).__name__ == "DTensor" for p in model.parameters())
+        params = inf.tracked_parameters(model)
+        assert [id(p) for p in params] == [id(p) for p in sharded]
+        # Every rank runs the same forwards (each all-gathers the parameters), on different pairs
+        grads = inf.alignment_gradient(model, _tiny_objective, _tiny_pairs(rank, [3 - rank, 2]), params)
+        v = random_v(params, seed=3)  # full-shape plain tensors, keyed by the sharded parameters
+        negatives = _tiny_pairs(5, [4])[0]
+        with torch.no_grad():
+            model(negatives["x"])
+        ghost = inf.score_negatives_batch(model, negatives, _tiny_loss_fn, v)
+        brute = inf.brute_force_scores(model, negatives, _tiny_loss_fn, v)
+        with inf.GhostDotProduct(model, v) as recorder, recorder.recording():
+            (_tiny_loss_fn(model, negatives) * torch.tensor([1.0, 2.0, 0.5, 1.0])).sum().backward()
+        in_training = recorder.scores(4)
+        with torch.no_grad():
+            model(negatives["x"])
+        optimizer = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95), eps=1e-6)
+        _tiny_step(model, optimizer)
+        adam = inf.precondition(grads, "adam", damping=1e-4, optimizer=optimizer)
+        torch.save(
+            {
+                "grads": list(grads.values()),
+                "n": grads.num_pairs,
+                "ghost": ghost,
+                "brute": brute,
+                "in_training": in_training,
+                "adam": [adam[p] for p in params],
+            },
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_sharded_parameters_match_plain_ones(tmp_path):
+    """Under FSDP2 (two processes, gloo) the alignment gradient, the ghost, brute-force and in-training scores and the
+    adam preconditioner (whose state is sharded too) equal those of the plain model on the union of the data."""
+    import torch.multiprocessing as mp
+
+    pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs torch.distributed")
+    mp.spawn(_fsdp2_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    model = _TinyNet()
+    params = list(model.parameters())
+    grads = inf.alignment_gradient(model, _tiny_objective, _tiny_pairs(0, [3, 2]) + _tiny_pairs(1, [2, 2]), params)
+    v = random_v(params, seed=3)
+    negatives = _tiny_pairs(5, [4])[0]
+    scores = inf.brute_force_scores(model, negatives, _tiny_loss_fn, v)
+    optimizer = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95), eps=1e-6)
+    _tiny_step(model, optimizer)
+    adam = inf.precondition(grads, "adam", damping=1e-4, optimizer=optimizer)
+    for res in results:
+        assert res["n"] == 9
+        for g, p in zip(res["grads"], params):
+            assert type(g) is torch.Tensor and g.shape == p.shape
+            torch.testing.assert_close(g, grads[p])
+        assert scores.abs().min() > 0
+        for key in ("ghost", "brute"):
+            assert rel_err(res[key], scores) <= TOL, key
+        assert rel_err(res["in_training"], scores * torch.tensor([1.0, 2.0, 0.5, 1.0])) <= TOL
+        for a, p in zip(res["adam"], params):
+            torch.testing.assert_close(a, adam[p])
+        assert rel_err(res["adam"][0], grads[params[0]]) > 1e-2  # it really preconditioned

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import time
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -29,6 +30,7 @@ from trl.trainer.utils import use_adapter
 
 from . import data as u2a_data
 from .influence import (
+    PADDING,
     GhostDotProduct,
     compute_query,
     make_unlearning_loss_fn,
@@ -278,7 +280,7 @@ class U2ARefreshCallback(TrainerCallback):
         total = torch.zeros(2, dtype=torch.float64)
         with scoring_mode(model), torch.no_grad():
             for batch in self._pair_batches(model, generator):
-                losses = self.objective(model, batch)
+                losses = self.objective(model, batch)[~batch[PADDING]]
                 total += torch.tensor([losses.double().sum().item(), len(losses)], dtype=torch.float64)
         total = accelerator.reduce(total.to(accelerator.device), reduction="sum").cpu()
         value = float(total[0] / total[1])
@@ -299,11 +301,12 @@ class U2ARefreshCallback(TrainerCallback):
         order = torch.arange(num_pairs)
         if self.trainer.args.pa_samples is not None:
             order = torch.randperm(num_pairs, generator=generator)[: self.trainer.args.pa_samples].sort().values
-        local = order[accelerator.process_index :: accelerator.num_processes].tolist()
+        local, padding = _padded_share(order.tolist(), accelerator.process_index, accelerator.num_processes)
         batches = []
         for start in range(0, len(local), self.batch_size):
             rows = local[start : start + self.batch_size]
             batch = self.pair_collator([self.pairs[i] for i in rows])
+            batch[PADDING] = padding[start : start + self.batch_size]
             if self.ref_pair_logps is not None:
                 batch["ref_chosen_logps"] = self.ref_pair_logps[rows, 0]
                 batch["ref_rejected_logps"] = self.ref_pair_logps[rows, 1]
@@ -323,7 +326,7 @@ class U2ARefreshCallback(TrainerCallback):
         elif hasattr(model, "peft_config"):
             # TRL keeps a frozen copy of a pretrained adapter as "ref"; a fresh adapter's start model is the base
             adapter = "ref" if "ref" in model.peft_config else None
-            context = partial(use_adapter, model, adapter_name=adapter)
+            context = partial(_reference_adapter, model, adapter)
         # Each rank computes an equal, padded chunk of the pairs (ZeRO-3 needs the same forwards on every rank)
         accelerator = self.trainer.accelerator
         world, rank = accelerator.num_processes, accelerator.process_index
@@ -395,14 +398,16 @@ class U2ARefreshCallback(TrainerCallback):
                 self._warned_no_retain = True
             return None
         sample = retain_rows[:RETAIN_SAMPLE].tolist()
-        local = sample[accelerator.process_index :: accelerator.num_processes]
+        local, padding = _padded_share(sample, accelerator.process_index, accelerator.num_processes)
         total = torch.zeros(2, dtype=torch.float64)
         with torch.no_grad():
             batches = _collated(trainer.data_collator, trainer.train_dataset, local, self.batch_size, _device(model))
-            for batch in batches:
+            for start, batch in zip(range(0, len(local), self.batch_size), batches):
                 logps, lengths = sequence_logps(
                     model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
                 )
+                real = ~padding[start : start + self.batch_size].to(logps.device)
+                logps, lengths = logps[real], lengths[real]
                 total += torch.stack(
                     [
                         (-logps / lengths.clamp(min=1)).sum().double().cpu(),
@@ -632,6 +637,39 @@ def _truncate_logs_to(output_dir: str, refresh_index: int) -> None:
         ]
         with open(path, "w") as f:
             f.writelines(kept)
+
+
+@contextmanager
+def _reference_adapter(model, adapter: str | None):
+    """TRL's `use_adapter` (the "ref" adapter, or none), with every parameter's `requires_grad` kept as it was.
+
+    PEFT's adapter switch also sets `requires_grad` (False on a disabled adapter, True on the one switched to). The
+    reference pass may be the first forward of an FSDP2 model, where FSDP2 fixes each group's gradient dtypes from the
+    parameters that require grad at that moment: with the adapter frozen it finds none, and the first training
+    backward then fails to reduce the bf16 gradients into the fp32 adapter ("attempting to assign a gradient with
+    dtype BFloat16 to a tensor with grad_dtype Float"). The pass runs under `no_grad`, so the flags change nothing
+    in it.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        with use_adapter(model, adapter_name=adapter):
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _padded_share(rows: list[int], rank: int, world: int) -> tuple[list[int], torch.Tensor]:
+    """This rank's round-robin share of `rows`, padded (with its first row, or the first of all) to the size of the
+    largest share, and the `(n,)` bool mask of the padding: every rank then runs the same forwards, as ZeRO-3 and
+    FSDP2 need (they gather the parameters in collectives inside each forward)."""
+    local = rows[rank::world]
+    size = -(-len(rows) // world)
+    padding = torch.zeros(size, dtype=torch.bool)
+    padding[len(local) :] = True
+    return local + (local or rows)[:1] * (size - len(local)), padding
 
 
 def _device(model) -> torch.device:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
@@ -52,6 +53,9 @@ PRECONDITIONERS = ("identity", "adam", "fisher")
 DEFAULT_BETAS = {"npo": 0.1, "simnpo": 4.5}
 
 LossFn = Callable[[nn.Module, dict], torch.Tensor]
+# Optional bool `(P,)` entry of a pair batch: rows that a rank runs only so that every rank runs the same forwards
+# (ZeRO-3 and FSDP2 gather the parameters in collectives inside each forward); their losses are dropped.
+PADDING = "padding"
 ParamVector = dict  # dict[nn.Parameter, torch.Tensor], keyed by parameter identity
 
 
@@ -156,13 +160,33 @@ class Tracking:
         return all(id(p) in ids for p in v)
 
 
+def _reshard_fsdp2(model: nn.Module) -> None:
+    """Put every FSDP2 module of `model` back on its sharded DTensor parameters.
+
+    The parameters are keys (of `v`, of the gradients), so they must be the same objects whenever they are read. A
+    module that FSDP2 does not reshard after its forward (the root, and accelerate's group of the final norm and
+    `lm_head`, until a backward ends) exposes its unsharded tensors after a forward without a backward, e.g. a
+    reference or retain-NLL pass. No-op without FSDP2.
+    """
+    # Not imported: then no module is an FSDPModule. Importing FSDP2 here instead made a gloo test process that never
+    # used it abort at exit now and then ("terminate called without an active exception", 3 runs in 37).
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None:
+        return
+    for module in unwrap_model(model).modules():
+        if isinstance(module, fsdp.FSDPModule):
+            module.reshard()
+
+
 def resolve_tracking(model: nn.Module) -> Tracking:
     """Split the trainable parameters of `model` into covered (scored by ghost dot products) and excluded.
 
     A parameter is covered when every module that owns it is tracked: a weight tied between the input embedding
-    and `lm_head` is owned by both, and covered because both are tracked (their contributions add).
+    and `lm_head` is owned by both, and covered because both are tracked (their contributions add). Under FSDP2 the
+    parameters are the sharded DTensors (`_reshard_fsdp2`).
     """
     model = unwrap_model(model)
+    _reshard_fsdp2(model)
     modules = tracked_modules(model)
     tracked_ids = {id(m) for _, m in modules}
     owners: dict[int, list[nn.Module]] = {}
@@ -570,10 +594,10 @@ def brute_force_scores(model: nn.Module, batch: dict, loss_fn: LossFn, v: ParamV
         raise ValueError("v is empty.")
     batch_size = batch_size_of(batch)
     scores = torch.zeros(batch_size, dtype=torch.float32, device=params[0].device)
-    with scoring_mode(base), torch.enable_grad():
+    with scoring_mode(base), torch.enable_grad(), _ForwardParameters(base, params) as forward:
         for i in range(batch_size):
             loss = _checked_losses(loss_fn(base, slice_batch(batch, i)), 1, "loss_fn")
-            grads = torch.autograd.grad(loss.sum(), params, allow_unused=True)
+            grads = torch.autograd.grad(loss.sum(), forward.used, allow_unused=True)
             total = torch.zeros((), dtype=torch.float32, device=scores.device)
             for p, g in zip(params, grads):
                 if g is not None:
@@ -680,9 +704,45 @@ def _all_reduce_sum(tensors: list[torch.Tensor], bucket_numel: int = 1 << 24) ->
 
 
 def _zeros_full(p: torch.Tensor) -> torch.Tensor:
-    """fp32 zeros of `p`'s full shape. Under ZeRO-3 a parameter outside its forward is an empty shard (`p.shape` is
-    `(0,)`) while autograd returns the gradient of the gathered, full-shape tensor: `ds_shape` is that shape."""
+    """fp32 zeros of `p`'s full shape, a plain tensor. Under ZeRO-3 a parameter outside its forward is an empty shard
+    (`p.shape` is `(0,)`) while autograd returns the gradient of the gathered, full-shape tensor: `ds_shape` is that
+    shape. Under FSDP2 `p` is a sharded DTensor whose `shape` is already the global one, and the gradient is that of
+    the unsharded plain tensor (`_ForwardParameters`)."""
     return torch.zeros(getattr(p, "ds_shape", p.shape), dtype=torch.float32, device=p.device)
+
+
+class _ForwardParameters:
+    """The tensors that stand for `params` in the forwards run while attached: what `torch.autograd.grad` must be
+    asked for to get their gradients.
+
+    FSDP2 holds a parameter as a sharded DTensor outside the forward and swaps in an all-gathered, unsharded plain
+    tensor for it while its FSDP module runs; the sharded DTensor is not in the autograd graph (its gradient would be
+    None). A forward pre-hook on each module that owns one of `params` reads the attribute as the forward sees it
+    (FSDP2's own pre-hook, on the module or an ancestor, has run by then), so `used[i]` is the unsharded tensor,
+    whose gradient is the full one. Everywhere else (plain, DDP, ZeRO-3, which gathers in place) it is the parameter
+    itself, which `used` starts as.
+    """
+
+    def __init__(self, model: nn.Module, params: Sequence[torch.Tensor]):
+        self.used = list(params)
+        index = {id(p): i for i, p in enumerate(params)}
+        _reshard_fsdp2(model)  # so that the modules hold `params` (sharded) whatever ran before
+        self._handles = []
+        for module in model.modules():
+            owned = [(name, index[id(p)]) for name, p in module.named_parameters(recurse=False) if id(p) in index]
+            if owned:
+                self._handles.append(module.register_forward_pre_hook(partial(self._capture, owned=owned)))
+
+    def _capture(self, module, args, owned):
+        for name, i in owned:
+            self.used[i] = getattr(module, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
 
 
 def alignment_gradient(
@@ -698,7 +758,9 @@ def alignment_gradient(
     Args:
         model: the policy (unwrapped from DDP etc.; run in eval mode with gradient checkpointing off).
         objective: an `AlignmentObjective` or any `fn(model, batch) -> (P,)`.
-        pair_batches: this rank's pair batches (with reference log-probs if the objective needs them).
+        pair_batches: this rank's pair batches (with reference log-probs if the objective needs them). Under ZeRO-3
+            or FSDP2 every rank must pass as many batches, of as many rows with `return_fisher`: pad with rows
+            marked in a `PADDING` entry, which run but do not count.
         params: the parameters to differentiate (default `tracked_parameters(model)`).
         return_fisher: also compute the diagonal empirical Fisher `mean_p (∇ℓ_p)²`; this runs one forward+backward
             per pair (batch size 1) instead of one per batch.
@@ -728,7 +790,7 @@ def alignment_gradient(
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of per-pair losses, pair count]
 
     def accumulate(losses: torch.Tensor, squares: bool) -> None:
-        grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
+        grads = torch.autograd.grad(losses.sum(), forward.used, allow_unused=True)
         for i, g in enumerate(grads):
             if g is None:
                 continue
@@ -739,7 +801,7 @@ def alignment_gradient(
         totals[0] += losses.detach().sum().to(torch.float64)
         totals[1] += losses.shape[0]
 
-    with scoring_mode(base), torch.enable_grad():
+    with scoring_mode(base), torch.enable_grad(), _ForwardParameters(base, params) as forward:
         for batch in pair_batches:
             if return_fisher:
                 # The empirical Fisher needs each pair's own gradient: one pair at a time.
@@ -762,10 +824,14 @@ def alignment_gradient(
 
 
 def _pair_losses(objective, model, batch) -> torch.Tensor:
+    """The per-pair losses of the batch's real rows (`PADDING` rows dropped, after their forward)."""
     losses = objective(model, batch)
     if not torch.is_tensor(losses) or losses.dim() != 1:
         raise ValueError("The alignment objective must return a 1-D per-pair loss tensor (P,).")
-    return losses
+    padding = batch.get(PADDING)
+    # Indexing keeps a padded row in the graph, with a zero gradient, so that the backward reaches every
+    # parameter on every rank (FSDP2 and ZeRO-3 also run collectives in the backward)
+    return losses if padding is None else losses[~padding.to(losses.device)]
 
 
 _ADAM_FALLBACK_LOGGED = False
@@ -854,8 +920,13 @@ def _adam_denominators(grads: ParamVector, optimizer, damping: float) -> dict | 
             return None
         key = "max_exp_avg_sq" if group.get("amsgrad", False) and "max_exp_avg_sq" in state else "exp_avg_sq"
         exp_avg_sq = state.get(key)
+        # A ZeRO-3 parameter is an empty shard and its optimizer state lives in DeepSpeed's flat partitions: no match
         if exp_avg_sq is None or exp_avg_sq.shape != p.shape:
             return None
+        if hasattr(exp_avg_sq, "full_tensor"):
+            # FSDP2: the state is a DTensor sharded like its parameter, `g` the full plain gradient. `full_tensor` is
+            # a collective; every rank walks the same parameters and the same (step-synchronous) states
+            exp_avg_sq = exp_avg_sq.full_tensor()
         step = float(state["step"])
         if step <= 0:
             return None

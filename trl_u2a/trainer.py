@@ -237,16 +237,32 @@ class U2ATrainer(KTOTrainer):
         for m in self.model.modules():
             if is_bnb_4bit(m):
                 m.training = True
-        if self.ref_model is None and self.is_deepspeed_enabled:
-            if self._precompute_engine is None:
-                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
-            model = self._precompute_engine
-        else:
+        engine = None
+        if self.ref_model is not None or not self.is_deepspeed_enabled:
             model = self.ref_model or self.model
+        elif type(self.model_wrapped).__name__ == "DeepSpeedEngine":
+            model = self.model_wrapped  # the training engine, once `train` has built it
+        else:
+            # Before `train` prepares the model, DeepSpeed has neither placed (ZeRO-1/2) nor gathers (ZeRO-3) its
+            # parameters: an inference engine for this pass only
+            engine = model = prepare_deepspeed(self.model, self.accelerator)
+        try:
+            values = self._reference_values(model, dataset, name, batch_size)
+        finally:
+            if engine is not None:
+                # Its ZeRO-3 hooks would stay on the module beside those of the training engine, and the two parameter
+                # coordinators disagree: after a single reference forward per rank, the first training forward failed
+                # with "IndexError: pop from an empty deque"
+                engine.empty_partition_cache()
+                engine.destroy()
+        return dataset.add_column("ref_logps", values)
+
+    def _reference_values(self, model, dataset, name, batch_size) -> list[float]:
+        """`log π_0(y|x)` of every row of `dataset` for NPO, 0 for retain rows; every rank returns all of them."""
         # NPO reads log π_0 of the negatives only; retain rows get 0 (the retain term never reads it)
         targets = [i for i, retain in enumerate(dataset["label"]) if not retain]
         if not targets:
-            return dataset.add_column("ref_logps", [0.0] * len(dataset))
+            return [0.0] * len(dataset)
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         chunk = -(-len(targets) // world)
         rows = targets[rank * chunk : (rank + 1) * chunk]
@@ -266,7 +282,7 @@ class U2ATrainer(KTOTrainer):
         ref_logps[targets] = torch.cat(
             [gathered[r, : max(0, min(chunk, len(targets) - r * chunk))] for r in range(world)]
         )
-        return dataset.add_column("ref_logps", ref_logps.tolist())
+        return ref_logps.tolist()
 
     def _get_train_sampler(self, train_dataset=None):
         retain_rows = self._retain_rows if self.args.retain_weight > 0 else None
