@@ -850,9 +850,11 @@ def precondition(
       the scale does not change rankings. The only choice at step 0, before the optimizer has state.
     - `"adam"`: `P = sqrt(v̂) + ε + λ` with `v̂ = exp_avg_sq / (1 − β₂^step)` from `optimizer.state[p]` (AMSGrad:
       `max_exp_avg_sq`) and `ε`, `β₂` from the parameter's group. This is the geometry of the update the optimizer
-      actually takes, so `s_i` predicts the change of `J` under an Adam step on example `i`; it costs nothing.
-      Without optimizer state for every parameter (before the first step, or a sharded/quantised state), falls back
-      to identity and logs it.
+      actually takes, so `s_i` predicts the change of `J` under an Adam step on example `i`; it costs nothing on one
+      process. FSDP2's sharded states and DeepSpeed ZeRO-1/2/3's flat fp32 partitions are gathered to full shape (a
+      collective per parameter; under DeepSpeed `step`, `ε` and `β₂` come from the wrapped optimizer). Without
+      optimizer state for every parameter (before the first step, or a quantised or factored state), falls back to
+      identity and logs it.
     - `"fisher"`: `P = F + λ` with `F` the diagonal empirical Fisher of the per-pair alignment gradients
       (`alignment_gradient(..., return_fisher=True).fisher`); costs one forward+backward per alignment pair.
       Entries with `P = 0` (no pair moves that weight, so `g = 0` there too) get `v = 0`; use `damping > 0` to
@@ -907,7 +909,23 @@ def _precondition(grads, preconditioner, damping, optimizer, fisher) -> tuple[di
     return out, "fisher"
 
 
+def _adam_denominator(exp_avg_sq: torch.Tensor, step: float, group: dict, damping: float) -> torch.Tensor:
+    """`sqrt(v̂) + ε + λ` with `v̂ = exp_avg_sq / (1 − β₂^step)`: the bias correction torch's Adam applies, `β₂` and `ε`
+    from the parameter's group."""
+    beta2 = group.get("betas", (0.9, 0.999))[1]
+    eps = group.get("eps", 1e-8)
+    v_hat = exp_avg_sq.to(torch.float32) / (1.0 - beta2**step)
+    return v_hat.sqrt() + eps + damping
+
+
+def _second_moment_key(group: dict, state: dict) -> str:
+    return "max_exp_avg_sq" if group.get("amsgrad", False) and "max_exp_avg_sq" in state else "exp_avg_sq"
+
+
 def _adam_denominators(grads: ParamVector, optimizer, damping: float) -> dict | None:
+    zero = _deepspeed_zero_optimizer(optimizer)
+    if zero is not None:
+        return _deepspeed_adam_denominators(grads, zero, damping)
     groups = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -918,9 +936,7 @@ def _adam_denominators(grads: ParamVector, optimizer, damping: float) -> dict | 
         group = groups.get(id(p))
         if not state or group is None or "step" not in state:
             return None
-        key = "max_exp_avg_sq" if group.get("amsgrad", False) and "max_exp_avg_sq" in state else "exp_avg_sq"
-        exp_avg_sq = state.get(key)
-        # A ZeRO-3 parameter is an empty shard and its optimizer state lives in DeepSpeed's flat partitions: no match
+        exp_avg_sq = state.get(_second_moment_key(group, state))
         if exp_avg_sq is None or exp_avg_sq.shape != p.shape:
             return None
         if hasattr(exp_avg_sq, "full_tensor"):
@@ -930,10 +946,85 @@ def _adam_denominators(grads: ParamVector, optimizer, damping: float) -> dict | 
         step = float(state["step"])
         if step <= 0:
             return None
-        beta2 = group.get("betas", (0.9, 0.999))[1]
-        eps = group.get("eps", 1e-8)
-        v_hat = exp_avg_sq.to(torch.float32) / (1.0 - beta2**step)
-        denoms[p] = v_hat.sqrt() + eps + damping
+        denoms[p] = _adam_denominator(exp_avg_sq, step, group, damping)
+    return denoms
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO: Adam's state in flat fp32 partitions
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _deepspeed_zero_optimizer(optimizer):
+    """DeepSpeed's ZeRO-1/2 (`DeepSpeedZeroOptimizer`) or ZeRO-3 (`DeepSpeedZeroOptimizer_Stage3`) optimizer under
+    `optimizer` (accelerate's `DeepSpeedOptimizerWrapper` holds it as `.optimizer`), or None."""
+    while optimizer is not None:
+        if hasattr(optimizer, "single_partition_of_fp32_groups") or hasattr(optimizer, "fp32_partitioned_groups_flat"):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
+
+
+def _deepspeed_partitions(zero) -> dict[int, tuple[dict, dict]]:
+    """`id(param) -> (state, param group)` in the wrapped (torch) optimizer, for each parameter ZeRO optimizes. The
+    wrapped optimizer steps this rank's flat fp32 partitions, so its state (`step`, and the slices of `exp_avg_sq`
+    this rank owns) is keyed by them, not by the parameters; `state` is `{}` before the first step."""
+    base = zero.optimizer
+    out = {}
+    if hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3: one flat partition per sub-group
+        for i, params in enumerate(zero.fp16_groups):
+            entry = (
+                base.state.get(zero.fp32_partitioned_groups_flat[i], {}),
+                base.param_groups[zero.sub_group_to_group_id[i]],
+            )
+            out.update((id(p), entry) for p in params)
+    else:  # ZeRO-1/2: one flat partition per param group
+        for i, params in enumerate(zero.bit16_groups):
+            entry = (base.state.get(zero.single_partition_of_fp32_groups[i], {}), base.param_groups[i])
+            out.update((id(p), entry) for p in params)
+    return out
+
+
+def _deepspeed_adam_step(entry: tuple[dict, dict] | None) -> tuple[str, float, dict] | None:
+    """`(state key, step, param group)` of a parameter's flat partition (`_deepspeed_partitions`), or None before
+    its first step or without Adam's second moment. Local: no collective. torch's and DeepSpeed's Adams keep `step` in
+    the state; the param group's `step` is what DeepSpeed's FusedAdam reads from older checkpoints."""
+    if entry is None:
+        return None
+    state, group = entry
+    step = state.get("step", group.get("step"))
+    key = _second_moment_key(group, state)
+    if step is None or float(step) <= 0 or key not in state:
+        return None
+    return key, float(step), group
+
+
+def _deepspeed_adam_denominators(grads: ParamVector, zero, damping: float) -> dict | None:
+    """`_adam_denominators` under DeepSpeed ZeRO-1/2/3, from the second moments gathered to full shape in fp32.
+
+    `deepspeed.utils.safe_get_full_optimizer_state` is a collective (ZeRO-1/2: an all-reduce of the parameter-sized
+    buffer into which each rank copies the slice it owns; ZeRO-3: an all-gather of the partitions) over the
+    data-parallel group, so every rank must call it for the same parameters, in the same order. The parameters are
+    the same on every rank (the keys of `grads`); whether every one has a state is agreed on first (MIN all-reduce),
+    so that no rank skips the collectives that another runs. Under ZeRO-3 the full state has `ds_shape`, the shape of
+    the gradient.
+    """
+    partitions = _deepspeed_partitions(zero)
+    steps = [_deepspeed_adam_step(partitions.get(id(p))) for p in grads]
+    device = next(iter(grads.values())).device
+    ready = torch.tensor([int(all(s is not None for s in steps))], dtype=torch.int32, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(ready, op=dist.ReduceOp.MIN)
+    if not ready.item():
+        return None
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    denoms = {}
+    for (p, g), (key, step, group) in zip(grads.items(), steps):
+        exp_avg_sq = safe_get_full_optimizer_state(p, key)
+        if exp_avg_sq is None:  # the same on every rank: whether `p` is a ZeRO parameter that requires grad
+            return None
+        denoms[p] = _adam_denominator(exp_avg_sq.to(g.device).reshape(g.shape), step, group, damping)
     return denoms
 
 
