@@ -76,31 +76,14 @@ def prepare(work: Path, tiny: bool) -> dict[str, str]:
 
 
 def start_model(path: str, data: str, out: Path, tiny: bool) -> str:
-    """The built model briefly fine-tuned on the `original` split, as the paper's start model is: at random weights
-    no negative is predicted to help `J`, and the first refresh then (rightly) refuses to select any."""
-    import torch
+    """The built model briefly fine-tuned on the `original` split, as the paper's start model is (at random weights
+    the first refresh rightly selects nothing)."""
     from datasets import load_from_disk
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path).to(device)
+    from trl_u2a.testing import fine_tune_start_model
+
     original = load_from_disk(str(Path(data) / "original"))
-    texts = [row["prompt"] + row["completion"] + tokenizer.eos_token for row in original]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3 if tiny else 3e-4)
-    for step in range(40):
-        chunk = [texts[(step * 16 + i) % len(texts)] for i in range(16)]
-        batch = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss = model(**batch, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    print(f"start model: SFT loss {loss.item():.3f} after 40 steps on `original`", flush=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return str(out)
+    return fine_tune_start_model(path, original, out, learning_rate=3e-3 if tiny else 3e-4, batch_size=16)
 
 
 def overrides(recipe: str, prepared: dict, output_dir: Path, args) -> list[str]:

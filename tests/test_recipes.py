@@ -75,23 +75,12 @@ def start_model(tiny_model_path, prepared_dir, tmp_path_factory):
     """The tiny model fine-tuned on the `original` split, as the paper's start model is. On the untrained model every
     negative of this data can score ≤ 0 (unlearning it is predicted to hurt the alignment objective), and a refresh
     then selects nothing; after a few steps of SFT most scores are positive, as on real data."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl_u2a.testing import fine_tune_start_model
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
     original = load_from_disk(str(prepared_dir / "original"))
-    texts = [row["prompt"] + row["completion"] + tokenizer.eos_token for row in original]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    with one_thread():
-        for _ in range(40):
-            model(**batch, labels=labels).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
     path = tmp_path_factory.mktemp("start-model")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    with one_thread():
+        fine_tune_start_model(tiny_model_path, original, path)
     return path
 
 
