@@ -63,6 +63,69 @@ def set_threads(threads: int) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+def lora_config(rank: int = 16, task_type: str | None = "CAUSAL_LM"):
+    """The LoRA of every benchmark: rank `rank`, alpha `2 rank`, every linear layer, no dropout."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", lora_dropout=0.0, task_type=task_type)
+
+
+def lora_scoring_setup(model, rank: int, generator):
+    """`model` with `lora_config(rank)` and non-zero `lora_B` (as after some training; PEFT starts at B = 0), its
+    tracked parameters and a random query `v` over them, drawn from `generator`: `(model, params, v)`."""
+    import torch
+    from peft import get_peft_model
+
+    from trl_u2a import influence
+
+    model = get_peft_model(model, lora_config(rank, task_type=None))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_((torch.randn(p.shape, generator=generator) * 0.01).to(p))
+    params = influence.tracked_parameters(model)
+    v = {p: torch.randn(p.shape, generator=generator).to(p.device) for p in params}
+    return model, params, v
+
+
+def random_batches(n: int, batch_size: int, seq_len: int, vocab: int, generator, device="cpu") -> list[dict]:
+    """`n // batch_size` batches of random token ids (the special tokens 0-4 skipped), each row with a random prompt
+    of 1/8 to 1/2 of `seq_len` masked out of the completion: `input_ids`, `attention_mask`, `completion_mask`."""
+    import torch
+
+    batches = []
+    for _ in range(n // batch_size):
+        input_ids = torch.randint(5, vocab, (batch_size, seq_len), generator=generator)
+        prompt_len = torch.randint(seq_len // 8, seq_len // 2, (batch_size, 1), generator=generator)
+        completion_mask = (torch.arange(seq_len)[None, :] >= prompt_len).long()
+        batches.append(
+            {
+                "input_ids": input_ids.to(device),
+                "attention_mask": torch.ones_like(input_ids).to(device),
+                "completion_mask": completion_mask.to(device),
+            }
+        )
+    return batches
+
+
+def training_kwargs(output_dir: str, batch_size: int, seq_len: int, use_cpu: bool = True, bf16: bool = False, **extra):
+    """Trainer arguments every benchmark shares (no checkpointing, saving, reporting or progress bars; seed 0), plus
+    `extra`."""
+    return dict(
+        output_dir=output_dir,
+        use_cpu=use_cpu,
+        bf16=bf16,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        per_device_train_batch_size=batch_size,
+        max_length=seq_len,
+        seed=0,
+        disable_tqdm=True,
+        **extra,
+    )
+
+
 def save_model(preset: str, root: str, dtype: str = "float32") -> str:
     """Build the tokenizer and the preset model from a config and save both under `root/preset`; reuse if present."""
     path = Path(root) / preset

@@ -73,7 +73,6 @@ def worker(args):
     common.set_threads(1)
     import torch
     from accelerate import PartialState
-    from peft import LoraConfig
     from transformers import AutoTokenizer
 
     import trl_u2a.callback as callback_module
@@ -89,19 +88,8 @@ def worker(args):
     )
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)
     data = common.make_data(tokenizer, args.seq_len, args.negatives, args.retain, args.pairs)
-    config = U2AConfig(
-        output_dir=os.path.join(args.out, "run"),
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        per_device_train_batch_size=args.batch_size,
-        max_length=args.seq_len,
-        seed=0,
-        disable_tqdm=True,
-    )
-    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
+    config = U2AConfig(**common.training_kwargs(os.path.join(args.out, "run"), args.batch_size, args.seq_len))
+    lora = common.lora_config(16)
     clock = common.Clock()
     trainer = U2ATrainer(
         model=args.model_path,

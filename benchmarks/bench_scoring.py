@@ -36,6 +36,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as common
+
 METHODS = ("train", "ghost", "per_example")
 
 
@@ -69,7 +72,6 @@ def parse_args(argv=None):
 
 def build(args):
     import torch
-    from peft import LoraConfig, get_peft_model
 
     from trl_u2a import influence as inf
     from trl_u2a.testing import build_tiny_model, build_tokenizer
@@ -86,30 +88,10 @@ def build(args):
         tie_word_embeddings=True,
     )
     n_params = sum(p.numel() for p in model.parameters())
-    config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", lora_dropout=0.0)
-    model = get_peft_model(model, config)
     gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # non-zero lora_B, as after some training (PEFT starts at B = 0)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
-    params = inf.tracked_parameters(model)
-    v = {p: torch.randn(p.shape, generator=gen) for p in params}
-
+    model, params, v = common.lora_scoring_setup(model, args.rank, gen)
     vocab = len(tokenizer)
-    batches = []
-    for _ in range(args.n // args.batch_size):
-        b = args.batch_size
-        input_ids = torch.randint(5, vocab, (b, args.seq_len), generator=gen)  # skip the special tokens
-        prompt_len = torch.randint(args.seq_len // 8, args.seq_len // 2, (b, 1), generator=gen)
-        completion_mask = (torch.arange(args.seq_len)[None, :] >= prompt_len).long()
-        batches.append(
-            {
-                "input_ids": input_ids,
-                "attention_mask": torch.ones_like(input_ids),
-                "completion_mask": completion_mask,
-            }
-        )
+    batches = common.random_batches(args.n, args.batch_size, args.seq_len, vocab, gen)
     info = {
         "model_params": n_params,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),

@@ -90,22 +90,17 @@ def parse_args(argv=None):
 
 
 def _common_kwargs(args, output_dir, max_steps, seq_len):
-    kwargs = dict(
-        output_dir=output_dir,
+    kwargs = common.training_kwargs(
+        output_dir,
+        args.batch_size,
+        seq_len,
         use_cpu=args.device == "cpu",
         bf16=args.bf16,
-        gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum,
         max_steps=max_steps,
         learning_rate=1e-5,
         logging_steps=10,
-        max_length=seq_len,
-        seed=0,
         dataloader_num_workers=0,
-        disable_tqdm=True,
     )
     if args.bf16:
         kwargs["model_init_kwargs"] = {"dtype": "bfloat16"}
@@ -127,11 +122,7 @@ def _quantization(args):
 
 def build_trainer(kind, args, model_path, data, seq_len, max_steps, output_dir, callbacks=None):
     """One trainer of `kind` on the same model, rows, LoRA and batch shapes."""
-    from peft import LoraConfig
-
-    peft_config = LoraConfig(
-        r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM"
-    )
+    peft_config = common.lora_config(args.rank)
     kwargs = _common_kwargs(args, output_dir, max_steps, seq_len)
     extra = dict(peft_config=peft_config, quantization_config=_quantization(args), callbacks=callbacks)
     if kind.startswith("u2a"):

@@ -66,7 +66,6 @@ def sync(device):
 
 def build(args, model_path, quant, seq_len):
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from trl_u2a import influence as inf
@@ -81,29 +80,10 @@ def build(args, model_path, quant, seq_len):
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     if quant != "4bit":
         model = model.to(args.device)
-    config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", lora_dropout=0.0)
-    model = get_peft_model(model, config)
     gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # non-zero lora_B, as after some training (PEFT starts at B = 0)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_((torch.randn(p.shape, generator=gen) * 0.01).to(p))
-    params = inf.tracked_parameters(model)
-    v = {p: torch.randn(p.shape, generator=gen).to(p.device) for p in params}
+    model, params, v = common.lora_scoring_setup(model, args.rank, gen)
     vocab = min(model.get_input_embeddings().weight.shape[0], 32000)
-    batches = []
-    for _ in range(args.n // args.batch_size):
-        b = args.batch_size
-        input_ids = torch.randint(5, vocab, (b, seq_len), generator=gen)
-        prompt_len = torch.randint(seq_len // 8, seq_len // 2, (b, 1), generator=gen)
-        completion_mask = (torch.arange(seq_len)[None, :] >= prompt_len).long()
-        batches.append(
-            {
-                "input_ids": input_ids.to(args.device),
-                "attention_mask": torch.ones_like(input_ids).to(args.device),
-                "completion_mask": completion_mask.to(args.device),
-            }
-        )
+    batches = common.random_batches(args.n, args.batch_size, seq_len, vocab, gen, args.device)
     info = {
         "model_params": common.model_params(model_path),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),

@@ -105,28 +105,20 @@ def collapse(path, rows):
 
 
 def build(args, workdir):
-    from peft import LoraConfig
 
     model_path = common.save_model(args.model, os.path.join(workdir, "models"))
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     data = common.make_data(tokenizer, args.seq_len, args.negatives, args.negatives, args.pairs)
-    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
-    kwargs = dict(
-        output_dir=os.path.join(workdir, "out"),
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        per_device_train_batch_size=args.batch_size,
+    lora = common.lora_config(16)
+    kwargs = common.training_kwargs(
+        os.path.join(workdir, "out"),
+        args.batch_size,
+        args.seq_len,
         max_steps=args.steps + 2,
         learning_rate=1e-5,
         logging_steps=10,
-        max_length=args.seq_len,
-        seed=0,
-        disable_tqdm=True,
     )
     if args.trainer == "kto":
         from trl import KTOConfig, KTOTrainer
