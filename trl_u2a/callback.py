@@ -327,18 +327,14 @@ class U2ARefreshCallback(TrainerCallback):
             # TRL keeps a frozen copy of a pretrained adapter as "ref"; a fresh adapter's start model is the base
             adapter = "ref" if "ref" in model.peft_config else None
             context = partial(_reference_adapter, model, adapter)
-        # Each rank computes an equal, padded chunk of the pairs (ZeRO-3 needs the same forwards on every rank)
+        # Each rank computes an equal, padded chunk of the pairs
         accelerator = self.trainer.accelerator
-        world, rank = accelerator.num_processes, accelerator.process_index
         num_pairs = len(self.pairs)
-        chunk = -(-num_pairs // world)
-        rows = list(range(rank * chunk, min((rank + 1) * chunk, num_pairs)))
-        rows += [0] * (chunk - len(rows))  # padding, dropped after the gather
+        rows = u2a_data.padded_chunk(list(range(num_pairs)), accelerator.process_index, accelerator.num_processes)
         batches = _collated(self.pair_collator, self.pairs, rows, self.batch_size, _device(model))
         filled = reference_logps(model, batches, reference_context=context)
         local = torch.cat([torch.stack([b["ref_chosen_logps"], b["ref_rejected_logps"]], dim=1) for b in filled])
-        gathered = accelerator.gather(local.float().to(accelerator.device)).cpu().view(world, chunk, 2)
-        return torch.cat([gathered[r, : max(0, min(chunk, num_pairs - r * chunk))] for r in range(world)])
+        return u2a_data.gather_chunks(accelerator, local.float(), num_pairs)
 
     def _candidates(self, generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Negatives to score now, and the (ids, scores) scored during training since the last refresh (all ranks)."""
@@ -365,16 +361,10 @@ class U2ARefreshCallback(TrainerCallback):
     def _score(self, model, query, candidates: torch.Tensor) -> torch.Tensor:
         """Scores of `candidates` `(m,)`: each rank scores a contiguous chunk, padded to equal size, then gathered."""
         accelerator = self.trainer.accelerator
-        world, rank = accelerator.num_processes, accelerator.process_index
         m = len(candidates)
-        chunk = max(1, math.ceil(m / world))
-        local = candidates[rank * chunk : (rank + 1) * chunk]
-        num_local = len(local)
-        # Equal shapes for the gather; the padding repeats a real candidate and is dropped after the gather
-        padded = (
-            torch.cat([local, candidates[:1].repeat(chunk - num_local)]) if m else torch.zeros(chunk, dtype=torch.long)
-        )
-        scores = torch.zeros(chunk, dtype=torch.float32)
+        # At least one entry, so that every rank still takes part in the gather when there is nothing to score
+        padded = u2a_data.padded_chunk(candidates.tolist(), accelerator.process_index, accelerator.num_processes, 1)
+        scores = torch.zeros(max(1, len(padded)), dtype=torch.float32)
         if m:
             rows = self.trainer._negative_rows[padded].tolist()
             # Collated on the CPU: `score_dataset` moves one batch at a time to the device (all of them at once
@@ -383,9 +373,7 @@ class U2ARefreshCallback(TrainerCallback):
                 self.trainer.data_collator, self.trainer.train_dataset, rows, self.batch_size, torch.device("cpu")
             )
             scores = score_dataset(model, batches, self.loss_fn, query, desc=f"U2A refresh {self.refresh_index}").cpu()
-        gathered = accelerator.gather(scores.to(accelerator.device)).cpu().view(world, chunk)
-        counts = [len(candidates[r * chunk : (r + 1) * chunk]) for r in range(world)]
-        return torch.cat([gathered[r, : counts[r]] for r in range(world)])
+        return u2a_data.gather_chunks(accelerator, scores, m)
 
     def _retain_nll(self, model) -> float | None:
         """Token-mean NLL of a fixed sample of retain examples (the guard against gradient-ascent collapse)."""

@@ -263,13 +263,10 @@ class U2ATrainer(KTOTrainer):
         targets = [i for i, retain in enumerate(dataset["label"]) if not retain]
         if not targets:
             return [0.0] * len(dataset)
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        chunk = -(-len(targets) // world)
-        rows = targets[rank * chunk : (rank + 1) * chunk]
-        rows += [targets[0]] * (chunk - len(rows))  # padding, dropped after the gather
+        rows = u2a_data.padded_chunk(targets, self.accelerator.process_index, self.accelerator.num_processes)
         values = []
         for start in tqdm(
-            range(0, chunk, batch_size),
+            range(0, len(rows), batch_size),
             desc=f"Computing reference log-probs of the {name} negatives",
             disable=not self.accelerator.is_local_main_process or bool(os.environ.get("TQDM_DISABLE")),
         ):
@@ -277,11 +274,8 @@ class U2ATrainer(KTOTrainer):
             batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
             values.append(self.compute_ref_log_probs(model, batch)[0].float())
         local = torch.cat(values) if values else torch.zeros(0, device=self.accelerator.device)
-        gathered = self.accelerator.gather(local).cpu().view(world, chunk)
         ref_logps = torch.zeros(len(dataset))
-        ref_logps[targets] = torch.cat(
-            [gathered[r, : max(0, min(chunk, len(targets) - r * chunk))] for r in range(world)]
-        )
+        ref_logps[targets] = u2a_data.gather_chunks(self.accelerator, local, len(targets))
         return ref_logps.tolist()
 
     def _get_train_sampler(self, train_dataset=None):
