@@ -29,6 +29,10 @@ def test_budget_size_counts_and_fractions():
     assert budget_size(1.0, 7) == 7
     assert budget_size(0.25, 10) == 3  # 2.5 rounds half up
     assert budget_size(0.001, 10) == 1  # at least one
+    # One rule for ints and floats: 1 is the fraction "all", a whole number above 1 a count
+    assert budget_size(1, 7) == budget_size(1.0, 7) == 7
+    assert budget_size(2, 7) == budget_size(2.0, 7) == 2
+    assert budget_size(0.25, 234) == 59  # 58.5 rounds half up (Python's round gives 58)
 
 
 @pytest.mark.parametrize(
@@ -39,7 +43,7 @@ def test_budget_size_counts_and_fractions():
         (0.0, "selects nothing"),
         (-0.5, "selects nothing"),
         (float("nan"), "selects nothing"),
-        (1.5, "not a fraction"),
+        (1.5, "not a whole count"),
         (500, "budget=500 is larger than the 300 negatives"),
     ],
 )
@@ -51,6 +55,8 @@ def test_budget_size_errors(budget, match):
             budget_size(bad, 300)
     with pytest.raises(ValueError, match="n=0"):
         budget_size(1, 0)
+    with pytest.raises(ValueError, match="larger than the 3 negatives"):
+        budget_size(4.0, 3)
 
 
 # ---------------------------------------------------------------- selection
@@ -97,18 +103,34 @@ def test_new_entrants_start_at_the_mean_of_the_kept():
     assert new.weights.tolist() == [0.0, 1.0]
 
 
-def test_stale_selected_keep_weight_and_score_and_count_toward_k():
+def test_stale_selected_are_carried_not_ranked_against_another_query():
     state, _ = _all(6, [3.0, 1.0, 2.0, 0.5, -1.0, -1.0], k=3, weight_lr=0.5)  # selects 0, 1, 2
     w0 = state.weights.clone()
-    # Rescore only 1 (now weak) and the pool {3, 4, 5}; 0 and 2 are stale and ranked by their old scores 3.0, 2.0.
-    rescored = torch.tensor([0.1, 2.5, 0.2, -1.0], dtype=torch.float64)
+    # Rescore 1 (now weak) and the pool {3, 4, 5} with a new query whose scale is 100x larger; 0 and 2 are stale:
+    # their scores 3.0 and 2.0 come from another query, so they are carried (kept, not ranked, no update step).
+    rescored = torch.tensor([10.0, 250.0, 20.0, -100.0], dtype=torch.float64)
     new, info = refresh_weights(state, torch.tensor([1, 3, 4, 5]), rescored, k=3)
-    assert info["n_stale"] == 2 and info["n_candidates"] == 4
+    assert info["n_stale"] == 2 and info["n_carried"] == 2 and info["n_candidates"] == 4
+    # One free slot: the best candidate (3) takes it; 1 and 4 lose although their new scores exceed the carried ones
     assert new.selected.nonzero().flatten().tolist() == [0, 2, 3]
-    assert new.scores.tolist() == [3.0, 0.1, 2.0, 2.5, 0.2, -1.0]
+    assert new.scores.tolist() == [3.0, 10.0, 2.0, 250.0, 20.0, -100.0]
     assert info["n_new"] == 1 and info["n_dropped"] == 1
-    # The stale ones carried their weights into the update (3.0 scored higher than 2.0 at refresh 0).
-    assert w0[0] > w0[2] and new.weights[0] > new.weights[2]
+    # Carried weights keep their ratio (z = 0 for both): only the common renormalisation acts on them
+    torch.testing.assert_close(new.weights[0] / new.weights[2], w0[0] / w0[2])
+    # The predicted gain uses this query's scores only (the entrant's), not the carried ones' old scores
+    assert info["predicted_gain"] == 250.0
+
+
+def test_a_ranking_never_mixes_scales():
+    """With every selected example rescored, a 100x change of scale between two refreshes changes nothing: the
+    ranking depends on the candidates' scores under one query only."""
+    state, _ = _all(6, [3.0, 1.0, 2.0, 0.5, -1.0, -1.0], k=3)
+    ids = torch.arange(6)
+    scores = torch.tensor([0.3, 0.1, 0.2, 0.25, -0.1, 0.05], dtype=torch.float64)
+    small, _ = refresh_weights(state, ids, scores, k=3)
+    large, _ = refresh_weights(state, ids, 100 * scores, k=3)
+    assert small.selected.tolist() == large.selected.tolist() == [True, False, True, True, False, False]
+    torch.testing.assert_close(small.weights, large.weights)
 
 
 def test_stale_selected_never_scored_are_dropped():

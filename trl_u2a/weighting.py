@@ -5,12 +5,14 @@ lives on the CPU in float64, so that a refresh is cheap, exact enough to compare
 
 One refresh, given the influence scores `s_i = ∇Jᵀ P⁻¹ ∇ℓ_i` of this refresh's candidates:
 
-1. Ranking. The examples that can be selected are this refresh's candidates (scored now) together with the
-   previously selected examples that were *not* rescored, which keep their weight and are ranked by their last
-   score (stale, but the best estimate available; re-scoring them is the caller's choice). Unselected examples that
-   were not rescored are never revived from stale scores: their old score predates the training since.
-2. Selection. Keep the top-`k` of the ranked examples among those with `s_i > 0` (ties: lower index first);
-   everything else gets `ω = 0`. New entrants start at the mean weight of the previously selected examples that stay
+1. Ranking. A selection only compares scores taken with the same query vector `v` (same `∇J`, same
+   preconditioner): the candidates are the examples scored with the query of this ranking. Previously selected
+   examples that are not candidates are *carried*: their last score was taken with another `v` (35-47x apart in
+   scale between an identity and an Adam `v`), so they are not ranked against the candidates; they stay selected
+   with their weight (no update: `z_i = 0`) and take their budget slots first. Selected examples that were never
+   scored are dropped, and unselected examples that were not rescored are never revived from old scores.
+2. Selection. Keep the carried examples and the top-`(k − carried)` candidates among those with `s_i > 0` (ties:
+   lower index first); everything else gets `ω = 0`. New entrants start at the mean weight of the previously selected examples that stay
    selected (1.0 if there are none).
 3. Tempered mirror ascent over the selected set `S` on the predicted gain `Σ ω_i s_i − ρ Σ √ω_i`:
    `z_i = clip((g_i − mean_S(g)) / std_S(g), −c, c)` with `g_i = s_i − ρ / (2 √ω_i)`, `ω_i ← ω_i exp(η_w z_i)`,
@@ -39,41 +41,38 @@ _MAX_IDS_IN_ERRORS = 10
 
 
 def budget_size(budget: float, n: int) -> int:
-    """Number of negatives to select, `k`, from a budget.
+    """Number of negatives to select, `k`, from a budget: the one rule that the trainer, the demo and the CLI use.
 
     Args:
-        budget: an int is a count in `[1, n]`; a float in `(0, 1]` is a fraction of `n`, rounded half up, at least 1.
+        budget: a number in `(0, 1]` is a fraction of `n` (so `1` and `1.0` select every negative), rounded half up
+            and at least 1; a whole number above 1 is a count, at most `n`.
         n: number of negatives.
 
     Returns:
         `k`, with `1 ≤ k ≤ n`.
 
     Raises:
-        ValueError: for `n < 1`, or a budget that is 0, negative, NaN, a fraction above 1 or a count above `n`.
+        ValueError: for `n < 1`, or a budget that is 0, negative, NaN, a non-whole number above 1 or a count above
+            `n`.
         TypeError: for a budget that is not a number, or a bool.
     """
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"n={n!r} must be a positive int, the number of negatives.")
-    expected = f"pass an int count in [1, {n}] or a float fraction in (0, 1]"
-    # bool is an int in Python; `budget=True` is almost surely a mistake, not "select one".
+    expected = f"pass a fraction in (0, 1] or a whole count in [2, {n}]"
+    # bool is an int in Python; `budget=True` is almost surely a mistake, not "select all".
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
         raise TypeError(f"budget={budget!r} is not a number; {expected}.")
-    if isinstance(budget, numbers.Integral):
-        if budget < 1:
-            raise ValueError(f"budget={budget!r} selects nothing; {expected}.")
-        if budget > n:
-            raise ValueError(f"budget={budget!r} is larger than the {n} negatives; {expected}.")
-        return int(budget)
     budget = float(budget)
     if math.isnan(budget) or budget <= 0.0:
         raise ValueError(f"budget={budget!r} selects nothing; {expected}.")
-    if budget > 1.0:
-        raise ValueError(
-            f"budget={budget!r} is a float above 1, so not a fraction; {expected} "
-            f"(e.g. budget={min(int(budget), n)} for a count)."
-        )
-    # Half up rather than Python's banker's rounding: the documented rule, independent of parity.
-    return max(1, min(n, math.floor(budget * n + 0.5)))
+    if budget <= 1.0:
+        # Half up rather than Python's banker's rounding: the documented rule, independent of parity.
+        return max(1, min(n, math.floor(budget * n + 0.5)))
+    if budget != math.floor(budget) or math.isinf(budget):
+        raise ValueError(f"budget={budget!r} is above 1 but not a whole count; {expected}.")
+    if budget > n:
+        raise ValueError(f"budget={int(budget)} is larger than the {n} negatives; {expected}.")
+    return int(budget)
 
 
 def _as_weights(weights: Any, name: str = "weights") -> torch.Tensor:
@@ -278,8 +277,8 @@ def refresh_weights(
 
     Args:
         state: the current state; not modified.
-        candidate_ids: `(m,)` int, distinct indices of the negatives scored this refresh (all of them at refresh 0;
-            later the selected ones plus an exploration pool).
+        candidate_ids: `(m,)` int, distinct indices of the negatives scored with this ranking's query vector (all of
+            them at refresh 0; later the selected ones scored with it plus an exploration pool).
         candidate_scores: `(m,)` their influence scores `s_i`; `s_i > 0` predicts that unlearning example `i`
             lowers the alignment loss `J`.
         k: selection budget (see `budget_size`), `1 ≤ k ≤ n`.
@@ -293,14 +292,15 @@ def refresh_weights(
 
     Returns:
         `(new_state, info)`. `new_state.scores` holds the candidates' new scores and everyone else's last score;
-        `new_state.refresh` is one more. Selected examples that were not rescored are ranked and updated with their
-        last score (they keep their weight if they stay in the top-`k`); if they were never scored they are dropped.
-        `info` (python floats/ints, for logging): `refresh`, `n_candidates`, `n_stale` (selected, not rescored),
+        `new_state.refresh` is one more. Selected examples that were not rescored are carried (kept, weight unchanged
+        before the renormalisation, not ranked: their last score was taken with another query); if they were never
+        scored they are dropped. `info` (python floats/ints, for logging): `refresh`, `n_candidates`, `n_stale`
+        (selected, not rescored), `n_carried` (of those, kept),
         `n_selected`, `n_new`, `n_dropped`, `n_positive`, `fraction_positive`, `score_min`, `score_q25`,
         `score_median`, `score_q75`, `score_max` (of the candidates), `score_scale` (mean `|s|` of the candidates:
         near 0 means the gradients vanished, e.g. memorised negatives), `score_std`, `entropy` and `effective_n`
         (`exp(entropy)`) of the new weights, `weight_max`, `weight_min` (over the selected), `fraction_clipped`,
-        and `predicted_gain = Σ ω_i s_i / Σ ω_i` over the new selection, the first-order decrease of `J` per unit
+        and `predicted_gain = Σ ω_i s_i / Σ ω_i` over the new selection's candidates (this query's scores), the first-order decrease of `J` per unit
         step of the weighted unlearning loss.
 
     Raises:
@@ -329,13 +329,15 @@ def refresh_weights(
     is_candidate[ids] = True
     stale = old_selected & ~is_candidate
 
-    # Ranked: candidates, plus stale selected ones that have a (last) score. Eligible: a positive score.
-    eligible = (is_candidate | stale) & ~torch.isnan(scores) & (scores > 0)
-    eligible_ids = eligible.nonzero().flatten()  # ascending index
+    # Carried: selected, not rescored, with a last score from another query: kept as they are, never ranked against
+    # the candidates. Ranked: the candidates alone, one query, one scale; eligible with a positive score.
+    carried = stale & ~torch.isnan(scores)
+    slots = max(0, k - int(carried.sum()))
+    eligible_ids = (is_candidate & (scores > 0)).nonzero().flatten()  # ascending index
     # Stable descending sort keeps equal scores in ascending-index order: deterministic ties, lower index first.
     order = torch.sort(scores[eligible_ids], descending=True, stable=True).indices
-    chosen = eligible_ids[order[:k]]
-    new_selected = torch.zeros(n, dtype=torch.bool)
+    chosen = eligible_ids[order[:slots]]
+    new_selected = carried.clone()
     new_selected[chosen] = True
     sel = new_selected.nonzero().flatten()  # ascending index, so the update below is order-independent of `k`
 
@@ -351,18 +353,19 @@ def refresh_weights(
             w = torch.ones(sel.numel(), dtype=_DTYPE)
         else:
             w = torch.where(entrants[sel], torch.full((sel.numel(),), start, dtype=_DTYPE), old_weights[sel])
-            # Mirror ascent (exponentiated gradient) on Σ ω s − ρ Σ √ω: the gradient is the effective score g.
-            g = scores[sel]
+            # Mirror ascent (exponentiated gradient) on Σ ω s − ρ Σ √ω: the gradient is the effective score g,
+            # standardised over the ranked examples; a carried one has no score under this query, so no step.
+            ranked = ~carried[sel]
+            g = scores[sel][ranked]
             if sparsity > 0.0:
-                g = g - sparsity / (2.0 * w.sqrt())
+                g = g - sparsity / (2.0 * w[ranked].sqrt())
             # Population std: defined (0) for one example; centred before the clip (see the module docstring).
             std = g.std(correction=0) if g.numel() > 1 else torch.zeros((), dtype=_DTYPE)
+            z = torch.zeros_like(w)
             if std > 0 and torch.isfinite(std):
                 raw = (g - g.mean()) / std
-                z = raw.clamp(-score_clip, score_clip)
+                z[ranked] = raw.clamp(-score_clip, score_clip)
                 fraction_clipped = float((raw.abs() > score_clip).to(_DTYPE).mean())
-            else:  # one example, or all equal: no direction to move in
-                z = torch.zeros_like(g)
             w = w * torch.exp(weight_lr * z)
             w = w * (w.numel() / w.sum())
             w = _cap_to_mean_one(w, float(max_weight))
@@ -379,13 +382,15 @@ def refresh_weights(
     else:
         quantiles = [math.nan] * 5
         fraction_positive = score_scale = score_std = math.nan
-    total = new_weights.sum()
-    predicted_gain = float((new_weights[sel] * scores[sel]).sum() / total) if total > 0 else 0.0
+    scored = new_selected & ~carried
+    total = new_weights[scored].sum()
+    predicted_gain = float((new_weights[scored] * scores[scored]).sum() / total) if total > 0 else 0.0
     entropy = weight_entropy(new_weights)
     info = {
         "refresh": state.refresh,
         "n_candidates": int(ids.numel()),
         "n_stale": int(stale.sum()),
+        "n_carried": int(carried.sum()),
         "n_selected": int(sel.numel()),
         "n_new": int(entrants.sum()),
         "n_dropped": int((old_selected & ~new_selected).sum()),
