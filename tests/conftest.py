@@ -106,6 +106,8 @@ def cpu_args(tmp_path, **overrides):
         seed=0,
         dataloader_num_workers=0,
         disable_tqdm=True,
+        # Mechanism tests count refreshes from step 0; the warm-up default has its own test
+        reweight_warmup_steps=0,
     )
     defaults.update(overrides)
     return U2AConfig(**defaults)

@@ -74,3 +74,50 @@ def test_documented_knobs_exist():
     assert len(named) >= 10, "the knob table of docs/usage.md was not found"
     unknown = sorted(set(named) - fields)
     assert not unknown, f"docs/usage.md documents options that U2AConfig does not have: {unknown}"
+
+
+def _code_default(field) -> str:
+    value = field.default
+    return "None" if value is None else str(value)
+
+
+def _same_default(doc: str, code: str) -> bool:
+    doc = doc.strip().strip('"').strip("'")
+    try:
+        return float(doc) == float(code)
+    except ValueError:
+        return doc == code
+
+
+def test_the_knob_table_states_the_code_defaults():
+    """Every default in the knob table of docs/usage.md equals `U2AConfig`'s (a stale doc default is a bug)."""
+    from trl_u2a.config import U2AConfig
+
+    fields = {f.name: f for f in dataclasses.fields(U2AConfig)}
+    usage = (DOCS / "usage.md").read_text()
+    table = usage.split("## Choosing the knobs", 1)[1].split("\n## ", 1)[0]
+    checked = 0
+    for line in table.splitlines():
+        cells = line.split("|")
+        if not line.startswith("| `") or len(cells) < 4:
+            continue
+        names = re.findall(r"`([a-z_]+)`", cells[1])
+        values = re.findall(r"`([^`]+)`", cells[2])
+        if len(values) != len(names):  # e.g. "per-device train batch": described, not a literal
+            continue
+        for name, value in zip(names, values):
+            assert _same_default(value, _code_default(fields[name])), (
+                f"docs/usage.md gives {name} the default {value!r}; U2AConfig has {fields[name].default!r}"
+            )
+            checked += 1
+    assert checked >= 15
+
+
+def test_the_config_docstring_states_the_code_defaults():
+    from trl_u2a.config import U2AConfig
+
+    fields = {f.name: f for f in dataclasses.fields(U2AConfig)}
+    stated = re.findall(r"^\s+(\w+) \(`[^`]+`, \*optional\*, defaults to `([^`]+)`\)", U2AConfig.__doc__, re.M)
+    assert len(stated) >= 15
+    for name, value in stated:
+        assert _same_default(value, _code_default(fields[name])), (name, value, fields[name].default)

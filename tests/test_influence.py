@@ -435,6 +435,38 @@ def test_adam_preconditioner_uses_optimizer_state(pa_setup, caplog):
     assert all(torch.allclose(q[p], v[p], rtol=1e-4, atol=1e-8) for p in params)
 
 
+@pytest.mark.parametrize("loss_type", ["ga", "npo"])
+def test_second_moments_estimate_adam_without_a_step(lora_models, loss_type):
+    """`gradient_second_moments` is `mean_b (∇ mean_i ℓ_i)²` over the batches, padding rows excluded (each batch's
+    gradient checked against torch.autograd.grad), and stands in for Adam's `v̂` before the first step."""
+    models, batches = lora_models
+    model = models[False]
+    batch = batches[False]
+    loss_fn = _loss_fn(loss_type)
+    params = quiet_tracked_parameters(model)
+    first, second = slice_batch(batch, slice(0, 2)), slice_batch(batch, slice(1, 4))
+    # the second batch repeats a row as padding: it runs but must not count
+    padded = slice_batch(batch, [1, 2, 3, 1])
+    padded[inf.PADDING] = torch.tensor([False, False, False, True])
+    moments = inf.gradient_second_moments(model, loss_fn, [first, padded], params)
+    expected = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    with inf.scoring_mode(model):
+        for b in (first, second):
+            grads = torch.autograd.grad(loss_fn(model, b).mean(), params, allow_unused=True)
+            for e, g in zip(expected, grads):
+                e += 0 if g is None else g.float() ** 2 / 2
+    assert sum(float(e.abs().sum()) for e in expected) > 0
+    for p, e in zip(params, expected):
+        assert rel_err(moments[p], e) <= TOL
+    # Used as Adam's v̂ when the optimizer has no state yet, with the optimizer's ε
+    grads = {p: torch.randn(p.shape) for p in params}
+    optimizer = torch.optim.AdamW(params, eps=1e-6)
+    v, applied = inf._precondition(grads, "adam", 0.0, optimizer, None, second_moments=moments)
+    assert applied == "adam-estimated"
+    for p in params:
+        torch.testing.assert_close(v[p], grads[p] / (moments[p].sqrt() + 1e-6))
+
+
 def test_padding_rows_run_but_do_not_count(pa_setup):
     """Rows marked in `PADDING` (a rank evening out its forwards with the others) change neither J, nor its gradient,
     nor the Fisher, nor the pair count."""

@@ -414,14 +414,28 @@ def test_sharded_launch_matches_one_process(kind, start_model, prepared_root, tm
 def test_deepspeed_adam_preconditioner_matches_one_process(kind, start_model, prepared_root, tmp_path):
     """`preconditioner="adam"` under DeepSpeed ZeRO-2/3 reads Adam's second moments from ZeRO's flat fp32 partitions:
     the refresh after two steps records "adam" (it used to fall back to identity) and scores as the one-process run
-    with torch's Adam and the same global batches does."""
+    with torch's Adam and the same global batches does. Before the first step the moments are estimated from
+    batches of the training loss ("adam-estimated"), sharded over the ranks, with the same scores as one process."""
     pytest.importorskip("deepspeed", reason="deepspeed is not installed (it is in the `test` extra)")
     launcher, recipe_name, mixed_precision = SHARDED[kind]
     data = recipe_data(yaml.safe_load(Path(recipe(recipe_name)).read_text()), prepared_root)
-    # Refreshes at steps 0 and 2. Refresh 0 precedes any step (identity in both runs), and so do the in-training
-    # scores of steps 1-2, which use its v. Refresh 2 is the one compared: after one step LoRA's A has a second
-    # moment of exactly 0 (B = 0 at the start), so "adam" would divide its ∇J by ε + λ and magnify float noise.
-    settings = [*SHARDED_BUDGET, *FP32, "--reweight_steps", "2", "--preconditioner", "adam", *EXTRA.get(kind, [])]
+    # Refreshes at steps 0 and 2 (no warm-up). Refresh 0 precedes any step (estimated moments in both runs). Refresh 2
+    # ranks with its own v (no in-training scores, so the ZeRO-read Adam moments score every candidate): after one
+    # step LoRA's A has a second moment of exactly 0 (B = 0 at the start), so "adam" would divide its ∇J by ε + λ and
+    # magnify float noise.
+    settings = [
+        *SHARDED_BUDGET,
+        *FP32,
+        "--reweight_steps",
+        "2",
+        "--reweight_warmup_steps",
+        "0",
+        "--in_training_scores",
+        "false",
+        "--preconditioner",
+        "adam",
+        *EXTRA.get(kind, []),
+    ]
     steps = ["--max_steps", "3"]
     overrides = [*run_overrides(start_model, data, tmp_path / kind), *steps, *settings, "--use_cpu", "false"]
     code, output, facts = launch(
@@ -436,11 +450,18 @@ def test_deepspeed_adam_preconditioner_matches_one_process(kind, start_model, pr
     assert code == 0, output
     assert all(rank["zero_stage"] == int(kind[-1]) for rank in facts)
     records = _refresh_records(tmp_path / kind)
-    assert [(r["step"], r["preconditioner"]) for r in records] == [(0, "identity"), (2, "adam")]
+    assert [(r["step"], r["preconditioner"]) for r in records] == [(0, "adam-estimated"), (2, "adam")]
 
     one_dir = tmp_path / "one"
     cli(["--config", recipe(recipe_name), *run_overrides(start_model, data, one_dir, 4), *steps, *settings, *CPU])
-    assert [(r["step"], r["preconditioner"]) for r in _refresh_records(one_dir)] == [(0, "identity"), (2, "adam")]
+    assert [(r["step"], r["preconditioner"]) for r in _refresh_records(one_dir)] == [
+        (0, "adam-estimated"),
+        (2, "adam"),
+    ]
+    first_a, first_b = _refresh_trace(tmp_path / kind)[0], _refresh_trace(one_dir)[0]
+    assert first_a.keys() == first_b.keys()
+    first_scale = max(abs(v[0]) for v in first_b.values())
+    assert max(abs(first_a[i][0] - first_b[i][0]) for i in first_b) / first_scale < 1e-4
     a, b = _refresh_trace(tmp_path / kind)[1], _refresh_trace(one_dir)[1]
     assert a.keys() == b.keys()
     assert {i for i in a if a[i][1] > 0} == {i for i in b if b[i][1] > 0}

@@ -94,6 +94,47 @@ def test_zero_weight_negatives_are_never_sampled(tiny_model_path, tmp_path, pref
     assert seen and set(seen) == {0, 2, 4, 5}
 
 
+@pytest.mark.parametrize("retain_weight", [0.0, 1.0])
+def test_every_batch_is_full(tiny_model_path, tmp_path, unpaired_dataset, retain_weight):
+    """5 active negatives at batch 4: an epoch of 5 draws ended on a batch of one; it is rounded up to whole batches
+    and the draws cycle through the permutations of the active negatives (every one drawn once before any twice)."""
+    weights = [1.0, 1.0, 1.0, 0.0, 1.0, 1.0] + [1.0] * 6
+    dataset = unpaired_dataset.add_column("weight", weights)
+    trainer = _trainer(
+        tiny_model_path, tmp_path, dataset, loss_type="ga", max_steps=10, retain_weight=retain_weight
+    )
+    sizes, drawn = [], []
+    for batch in trainer.get_train_dataloader():
+        sizes.append(len(batch[NEGATIVE_ID]))
+        drawn += [i for i in batch[NEGATIVE_ID].tolist() if i >= 0]
+    assert sizes and all(size == 4 for size in sizes)
+    assert sorted(drawn[:5]) == [0, 1, 2, 4, 5] and set(drawn) == {0, 1, 2, 4, 5}
+
+
+def test_the_trainer_uses_the_one_budget_rule(tiny_model_path, tmp_path):
+    """10 negatives at budget 0.25: 2.5 rounds half up to 3 (`weighting.budget_size`), on the trainer's path."""
+    from trl_u2a.weighting import budget_size
+
+    dataset = Dataset.from_dict({"prompt": PROMPTS + PROMPTS[:4], "completion": REJECTED + CHOSEN[:4]})
+    alignment = Dataset.from_dict({"prompt": PROMPTS, "chosen": CHOSEN, "rejected": REJECTED})
+    for budget, expected in ((0.25, 3), (1, 10), (1.0, 10), (2, 2)):
+        trainer = U2ATrainer(
+            model=tiny_model_path,
+            args=cpu_args(tmp_path, budget=budget),
+            train_dataset=dataset,
+            alignment_dataset=alignment,
+        )
+        assert trainer.budget == budget_size(budget, 10) == expected
+
+
+def test_resume_refuses_a_state_with_another_number_of_negatives(tiny_model_path, tmp_path, preference_dataset):
+    from trl_u2a.weighting import WeightState
+
+    trainer = _trainer(tiny_model_path, tmp_path, preference_dataset, loss_type="ga")
+    with pytest.raises(ValueError, match="weights for 7 negatives but this run has 6"):
+        trainer.load_u2a_state_dict({"weights": WeightState.uniform(7).state_dict()})
+
+
 @pytest.mark.parametrize("loss_type", ["ga", "npo", "simnpo", "graddiff"])
 def test_training_lowers_negative_logps(tiny_model_path, tokenizer, tmp_path, preference_dataset, loss_type):
     # SimNPO's default β=4.5 saturates on an untrained model (its loss is ~0); a smaller β keeps a gradient

@@ -1,11 +1,16 @@
 """`U2ARefreshCallback`: the periodic bi-level refresh that scores, selects and reweights the negatives.
 
-At step 0 and every `reweight_steps` optimizer steps:
+Before the first step (the initial pass), then after the steps of `schedule.refresh_steps` (or every
+`reweight_steps`):
 
-1. `v = P⁻¹∇J` on the alignment set (or `pa_samples` of its pairs), pairs sharded across ranks, `∇J` all-reduced;
-2. scores `s_i = ⟨v, ∇ℓ_i⟩` of the candidates: all negatives at step 0; later the selected negatives not scored during
-   training since the last refresh, plus an exploration pool of `pool_size` unselected ones; candidates are sharded
-   across ranks and the scores gathered;
+1. `v = P⁻¹∇J` on the alignment set (or a sample of its pairs), pairs sharded across ranks, `∇J` all-reduced; at the
+   initial pass, Adam's second moments are estimated from a few batches when the optimizer has no state yet;
+2. scores `s_i = ⟨v, ∇ℓ_i⟩` of the candidates, all with ONE query vector (a ranking never mixes scales): every
+   negative at the initial pass. Later, with in-training scores, the ranking uses the query the trained negatives
+   were scored with during the window (the previous refresh's): it scores the exploration pool with it too, carries
+   the selected negatives not trained since, and installs the new `v` for the next window. Without in-training
+   scores, the selected negatives and the pool are scored with the new `v`. Candidates are sharded across ranks and
+   the scores gathered;
 3. selection of the top-`budget` positive scores and the tempered mirror-ascent update (`weighting.refresh_weights`),
    computed identically on every rank.
 
@@ -41,7 +46,9 @@ from .influence import (
 )
 from .modeling import move_batch, sequence_logps
 from .objectives import DPOObjective, as_objective, reference_logps
+from .influence import gradient_second_moments
 from .sampler import mix_seed
+from .schedule import fixed_steps, refresh_rows, refresh_steps
 from .weighting import refresh_weights
 
 logger = get_logger(__name__)
@@ -50,9 +57,6 @@ TRACE_FILE = "u2a_trace.jsonl"
 REFRESH_FILE = "u2a_refreshes.jsonl"
 RETAIN_SAMPLE = 64
 SNAPSHOT_MAX_NUMEL = 200_000_000  # 0.8 GB in fp32: adapters, not full models
-# A refresh that takes more than this fraction of the training time of the window before it gets one warning
-# (docs/benchmarks.md: the reweighting overhead is about (pool + stale + 2 * pairs) passes per refresh)
-OVERHEAD_WARNING = 0.25
 
 
 class U2ARefreshCallback(TrainerCallback):
@@ -81,8 +85,15 @@ class U2ARefreshCallback(TrainerCallback):
         if args.pa_samples is not None and args.pa_samples > len(self.pairs):
             raise ValueError(
                 f"pa_samples={args.pa_samples} is larger than the {len(self.pairs)} pairs of alignment_dataset; use "
-                f"pa_samples ≤ {len(self.pairs)} or None (all pairs)."
+                f"pa_samples ≤ {len(self.pairs)} or None (automatic)."
             )
+        # Rows one optimizer step trains: the unit of the automatic pool, pair sample and cadence
+        self.rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+        self.pool_size = self.rows_per_step if args.pool_size is None else args.pool_size
+        self.pairs_first = len(self.pairs) if args.pa_samples is None else args.pa_samples
+        self.pairs_later = min(len(self.pairs), self.rows_per_step) if args.pa_samples is None else args.pa_samples
+        self.schedule: set[int] = set()  # optimizer steps after which a refresh runs (`on_train_begin`)
+        self.initial_step = 0  # the step after which the initial pass runs (`reweight_warmup_steps`)
         self.pair_collator = u2a_data.PairCollator(tokenizer.pad_token_id, args.max_length)
         self.objective = as_objective(objective) if objective is not None else DPOObjective(args.beta_pa)
         self.loss_fn = make_unlearning_loss_fn(args.loss_type, args.beta, args.gamma, args.ga_reduction)
@@ -101,7 +112,6 @@ class U2ARefreshCallback(TrainerCallback):
         self.ghost: GhostDotProduct | None = None
         self._lr_sum = 0.0
         self._warned_no_retain = False
-        self._warned_overhead = False
         self._window_start: float | None = None  # when the last refresh ended (wall clock of this process)
         self._good: tuple[int, dict[str, torch.Tensor]] | None = None  # last trainable parameters that passed the guard
         # TRL's fused LM head reads `lm_head.weight` without calling the module, so the training backward cannot see
@@ -117,14 +127,24 @@ class U2ARefreshCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ hooks
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.refresh_index == 0:
+        warmup = args.reweight_warmup_steps
+        self.initial_step = min(int(warmup * state.max_steps) if warmup < 1 else int(warmup), state.max_steps - 1)
+        self.schedule = set(self._plan(state.max_steps))
+        self._window_start = time.perf_counter()
+        if self.ref_pair_logps is None and getattr(self.objective, "needs_reference", False):
+            # Before any optimizer step: without a reference model or adapter, the policy now IS the start model
+            model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+            with scoring_mode(model):
+                self.ref_pair_logps = self._reference_pair_logps(model)
+        if self.refresh_index == 0 and state.global_step == self.initial_step:
             self.refresh(state, control)
         elif self.in_training and self.query is not None:
             self._attach_ghost()  # resumed: keep scoring trained negatives with the restored v
 
     def on_step_end(self, args, state, control, **kwargs):
         self._lr_sum += self.trainer._get_learning_rate()
-        if state.global_step % args.reweight_steps == 0 and not control.should_training_stop:
+        due = state.global_step in self.schedule if self.refresh_index else state.global_step == self.initial_step
+        if due and not control.should_training_stop:
             self.refresh(state, control)
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -135,6 +155,7 @@ class U2ARefreshCallback(TrainerCallback):
             # J after the last window, so that every refresh has its realised change (no scoring: weights are final)
             final = self._objective(state.global_step)
             self.trainer._metrics["train"]["u2a/objective"].append(final)
+        self._report_cost()
         if self.trainer.accelerator.is_main_process and self.history and args.save_refresh_plots:
             from .plots import plot_refreshes
 
@@ -152,20 +173,30 @@ class U2ARefreshCallback(TrainerCallback):
             self.ghost.detach()
             self.ghost = None
 
+        # With in-training scores, the trained negatives were scored with the previous refresh's query: the ranking
+        # uses that query for every candidate (one scale), and the new one scores the next window
+        lagged = self.in_training and self.query is not None
         with scoring_mode(model):
             if self.ref_pair_logps is None and getattr(self.objective, "needs_reference", False):
+                # `on_train_begin` takes them before the first step; a refresh called on its own takes them now
                 self.ref_pair_logps = self._reference_pair_logps(model)
+            second_moments = None
+            if args.preconditioner == "adam" and args.preconditioner_batches > 0 and state.global_step == 0:
+                second_moments = gradient_second_moments(model, self.loss_fn, self._dry_batches(generator))
             query = compute_query(
                 model,
                 self.objective,
-                self._pair_batches(model, generator),
+                self._pair_batches(model, generator, self.pairs_first if self.refresh_index == 0 else self.pairs_later),
                 preconditioner=args.preconditioner,
                 damping=args.damping,
                 optimizer=trainer.optimizer,
+                second_moments=second_moments,
             )
-            candidates, fresh_ids, fresh_scores = self._candidates(generator)
-            scores = self._score(model, query, candidates)
-            retain_nll = self._retain_nll(model)
+            query.refresh = self.refresh_index
+            ranking_query = self.query if lagged else query
+            candidates, fresh_ids, fresh_scores = self._candidates(generator, lagged)
+            scores = self._score(model, ranking_query, candidates)
+            retain_nll = self._retain_nll(model) if args.retain_nll_tolerance is not None else None
 
         ids = torch.cat([candidates, fresh_ids])
         all_scores = torch.cat([scores.double(), fresh_scores])
@@ -173,7 +204,11 @@ class U2ARefreshCallback(TrainerCallback):
             "refresh": self.refresh_index,
             "step": state.global_step,
             "objective": query.objective_value,
+            "num_pairs": query.num_pairs,
             "preconditioner": query.preconditioner,
+            # The refresh whose query vector scored every candidate of this ranking
+            "ranked_with_query_of": ranking_query.refresh,
+            "ranking_preconditioner": ranking_query.preconditioner,
             "num_scored": len(candidates),
             "num_scored_in_training": len(fresh_ids),
             "retain_nll": retain_nll,
@@ -211,7 +246,7 @@ class U2ARefreshCallback(TrainerCallback):
             if info["n_selected"] == 0:
                 if self.refresh_index == 0:
                     raise ValueError(
-                        f"No negative has a positive influence score at the start model ({len(ids)} scored, mean |s| = "
+                        f"No negative has a positive influence score at the initial pass ({len(ids)} scored, mean |s| = "
                         f"{info['score_scale']:.3g}): unlearning any of them is predicted to raise the alignment loss "
                         "J. Check that alignment_dataset's rejected responses resemble the negatives, and that the "
                         "start model is not untrained or memorised."
@@ -249,26 +284,62 @@ class U2ARefreshCallback(TrainerCallback):
         return record
 
     def _time(self, record: dict[str, Any], started: float) -> None:
-        """Record the refresh's wall time and that of the training window before it; warn once when refreshes cost
-        more than `OVERHEAD_WARNING` of the training."""
+        """Record the refresh's wall time and that of the training window before it (this process's clock)."""
         now = time.perf_counter()
         record["refresh_seconds"] = now - started
         if self._window_start is not None:
             record["window_seconds"] = started - self._window_start
         self._window_start = now
-        window = record.get("window_seconds")
-        if self._warned_overhead or not window or record["refresh_seconds"] <= OVERHEAD_WARNING * window:
-            return
-        self._warned_overhead = True
+
+    def _plan(self, max_steps: int) -> list[int]:
+        """The steps after which a refresh runs: `reweight_steps`, or the overhead-bounded schedule. Warns once when a
+        fixed cadence costs more than `reweight_overhead` of the training compute."""
         args = self.trainer.args
-        effective_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-        seconds = record["refresh_seconds"]
-        logger.warning(
-            f"U2A refresh {record['refresh']} took {seconds:.1f} s, {seconds / window:.0%} of the {window:.1f} s that "
-            f"the {args.reweight_steps} optimizer steps before it trained (effective batch {effective_batch}). A "
-            "refresh costs about pool_size + (selected negatives not trained since the last refresh) + 2 x (alignment "
-            "pairs) forward+backward passes: raise reweight_steps or the effective batch, or set pa_samples, to spend "
-            "less of the run on reweighting (docs/benchmarks.md).",
+        # With in-training scores a refresh scores the pool and ∇J; without, also every selected negative
+        rescored = 0 if self.in_training else self.trainer.budget
+        rows = refresh_rows(self.pairs_later, self.pool_size, rescored)
+        if args.reweight_steps is None:
+            steps = refresh_steps(max_steps, self.rows_per_step, rows, args.reweight_overhead, start=self.initial_step)
+            logger.info(
+                f"U2A: {len(steps)} refreshes after the initial pass, after steps {steps} of {max_steps} (each about "
+                f"{rows} row passes, {args.reweight_overhead:.0%} of the training compute in all).",
+                main_process_only=True,
+            )
+            return steps
+        share = rows / (args.reweight_steps * self.rows_per_step)
+        if share > args.reweight_overhead:
+            logger.warning(
+                f"reweight_steps={args.reweight_steps}: each refresh costs about {rows} row passes (2 x "
+                f"{self.pairs_later} alignment pairs + a pool of {self.pool_size} + {rescored} rescored negatives), "
+                f"{share:.0%} of the {args.reweight_steps} x {self.rows_per_step} rows trained between two refreshes, "
+                f"above reweight_overhead={args.reweight_overhead}. Leave reweight_steps=None to place the refreshes "
+                "within that bound, or raise reweight_steps or the effective batch (docs/usage.md).",
+                main_process_only=True,
+            )
+        return fixed_steps(max_steps, args.reweight_steps, start=self.initial_step)
+
+    def _report_cost(self) -> None:
+        """Log, and keep in the last record, what reweighting cost: the initial pass as a multiple of one training pass
+        over its candidates, and the later refreshes as a share of the training time."""
+        records = [r for r in self.history if r.get("refresh") is not None]
+        if not records:
+            return
+        windows = sum(r.get("window_seconds", 0.0) for r in records)
+        trained_rows = records[-1]["step"] * self.rows_per_step
+        if windows <= 0 or trained_rows <= 0:
+            return
+        initial = records[0]
+        seconds_per_row = windows / trained_rows
+        cost = {
+            "initial_pass_seconds": initial["refresh_seconds"],
+            "initial_pass_multiple": initial["refresh_seconds"] / (seconds_per_row * max(1, initial["num_scored"])),
+            "reweight_share": sum(r["refresh_seconds"] for r in records[1:]) / windows,
+        }
+        self.history[-1].update(cost)
+        logger.info(
+            f"U2A reweighting cost: the initial pass {cost['initial_pass_seconds']:.1f} s "
+            f"({cost['initial_pass_multiple']:.2f}x one training pass over its {initial['num_scored']} candidates); "
+            f"the {len(records) - 1} later refreshes {cost['reweight_share']:.1%} of the training time.",
             main_process_only=True,
         )
 
@@ -279,7 +350,7 @@ class U2ARefreshCallback(TrainerCallback):
         generator = torch.Generator().manual_seed(mix_seed(trainer.args.seed, self.refresh_index))
         total = torch.zeros(2, dtype=torch.float64)
         with scoring_mode(model), torch.no_grad():
-            for batch in self._pair_batches(model, generator):
+            for batch in self._pair_batches(model, generator, self.pairs_first):
                 losses = self.objective(model, batch)[~batch[PADDING]]
                 total += torch.tensor([losses.double().sum().item(), len(losses)], dtype=torch.float64)
         total = accelerator.reduce(total.to(accelerator.device), reduction="sum").cpu()
@@ -294,13 +365,14 @@ class U2ARefreshCallback(TrainerCallback):
                 f.write(json.dumps(self.history[-1]) + "\n")
         return value
 
-    def _pair_batches(self, model, generator) -> list[dict]:
-        """This rank's share of the (sub-sampled) alignment pairs, collated, with their reference log-probs."""
+    def _pair_batches(self, model, generator, sample: int) -> list[dict]:
+        """This rank's share of `sample` alignment pairs drawn with `generator` (all of them when `sample` is the
+        number of pairs), collated, with their reference log-probs."""
         accelerator = self.trainer.accelerator
         num_pairs = len(self.pairs)
         order = torch.arange(num_pairs)
-        if self.trainer.args.pa_samples is not None:
-            order = torch.randperm(num_pairs, generator=generator)[: self.trainer.args.pa_samples].sort().values
+        if sample < num_pairs:
+            order = torch.randperm(num_pairs, generator=generator)[:sample].sort().values
         local, padding = _padded_share(order.tolist(), accelerator.process_index, accelerator.num_processes)
         batches = []
         for start in range(0, len(local), self.batch_size):
@@ -336,8 +408,34 @@ class U2ARefreshCallback(TrainerCallback):
         local = torch.cat([torch.stack([b["ref_chosen_logps"], b["ref_rejected_logps"]], dim=1) for b in filled])
         return u2a_data.gather_chunks(accelerator, local.float(), num_pairs)
 
-    def _candidates(self, generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Negatives to score now, and the (ids, scores) scored during training since the last refresh (all ranks)."""
+    def _dry_batches(self, generator) -> list[dict]:
+        """`preconditioner_batches` random batches of the negatives that can be selected, each of the size of one
+        global training micro-batch, this rank's share of each (padding marked): to estimate Adam's second moments."""
+        trainer, accelerator = self.trainer, self.trainer.accelerator
+        eligible = torch.nonzero(trainer.weight_state.weights > 0).flatten()
+        size = trainer.args.per_device_train_batch_size * accelerator.num_processes
+        draws = trainer.args.preconditioner_batches * size
+        order = torch.cat(
+            [eligible[torch.randperm(len(eligible), generator=generator)] for _ in range(-(-draws // len(eligible)))]
+        )[:draws]
+        batches = []
+        for start in range(0, draws, size):
+            ids = order[start : start + size].tolist()
+            local = u2a_data.padded_chunk(ids, accelerator.process_index, accelerator.num_processes)
+            real = len(ids[accelerator.process_index * len(local) : (accelerator.process_index + 1) * len(local)])
+            batch = _collated(
+                trainer.data_collator, trainer.train_dataset, trainer._negative_rows[local].tolist(), len(local),
+                _device(accelerator.unwrap_model(trainer.model)),
+            )[0]
+            batch[PADDING] = torch.arange(len(local), device=batch["input_ids"].device) >= real
+            batches.append(batch)
+        return batches
+
+    def _candidates(self, generator, lagged: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Negatives to score now, and the (ids, scores) scored during training since the last refresh (all ranks).
+
+        `lagged`: the ranking uses the in-training query, so the selected negatives not trained since the last refresh
+        are carried rather than rescored; otherwise every selected negative is rescored with the new query."""
         trainer = self.trainer
         weights = trainer.weight_state.weights
         if self.refresh_index == 0:
@@ -353,8 +451,10 @@ class U2ARefreshCallback(TrainerCallback):
         fresh_ids = torch.tensor(sorted(i for i in merged if weights[i] > 0), dtype=torch.long)
         fresh_scores = torch.tensor([merged[int(i)][1] for i in fresh_ids], dtype=torch.float64)
         stale = selected[~torch.isin(selected, fresh_ids)]
+        if lagged:
+            stale = stale[:0]
         unselected = torch.nonzero(weights <= 0).flatten()
-        pool_size = min(trainer.args.pool_size, len(unselected))
+        pool_size = min(self.pool_size, len(unselected))
         pool = unselected[torch.randperm(len(unselected), generator=generator)[:pool_size]].sort().values
         return torch.cat([stale, pool]), fresh_ids, fresh_scores
 
@@ -576,7 +676,7 @@ class U2ARefreshCallback(TrainerCallback):
                 self.query[p].cpu() if p in self.query else None for p in tracked_parameters(model, warn=False)
             ]
             state["query_attrs"] = {
-                k: getattr(self.query, k) for k in ("objective_value", "num_pairs", "preconditioner")
+                k: getattr(self.query, k) for k in ("objective_value", "num_pairs", "preconditioner", "refresh")
             }
         return state
 

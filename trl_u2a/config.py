@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from trl import KTOConfig
 
 from .losses import LOSS_TYPES
+from .weighting import budget_size
 
 RETAIN_LOSSES = ("nll", "kl")
 WEIGHTINGS = ("loss", "sampling")
@@ -51,16 +52,30 @@ class U2AConfig(KTOConfig):
 
         beta_pa (`float`, *optional*, defaults to `0.1`):
             β of the DPO alignment objective `J` on the alignment set.
-        reweight_steps (`int`, *optional*, defaults to `50`):
-            Optimizer steps between two refreshes of the weights. A refresh also runs before the first step.
+        reweight_steps (`int`, *optional*):
+            A fixed cadence: optimizer steps between two refreshes of the weights. `None` (the default) places the
+            refreshes so that, after the initial pass, reweighting costs at most `reweight_overhead` of the run's
+            training compute, earlier refreshes closer together (docs/method.md, "Cadence"). A refresh always runs
+            before the first step.
+        reweight_warmup_steps (`float`, *optional*, defaults to `0.2`):
+            Optimizer steps of plain unlearning (the initial weights, uniform by default) before the initial pass
+            scores every negative: an integer (exact steps) or a float in `[0, 1)` (a ratio of the total steps, as
+            `warmup_steps`). At the start model the negatives' gradients carry little signal (it was trained on
+            them; a fresh LoRA adapter also has `B = 0`): on the demo's task the first selection's harmful share
+            rose from 0.56-0.63 at step 0 to 0.70-0.95 after a fifth of the run (docs/results.md).
+        reweight_overhead (`float`, *optional*, defaults to `0.15`):
+            The share of the training compute (forward+backward passes over rows) that the refreshes after the
+            initial pass may cost when `reweight_steps=None`; with a fixed `reweight_steps` that breaks it, one
+            warning.
         budget (`float`, *optional*, defaults to `0.25`):
-            Number of negatives to unlearn: a value in `(0, 1]` is a fraction of the negatives, a whole number above 1
-            a count. The default comes from the demo benchmark (docs/results.md): 0.25 selected more precisely than
-            0.5 there.
-        pool_size (`int`, *optional*, defaults to `64`):
-            Unselected negatives re-scored at each refresh after the first (exploration).
+            Number of negatives to unlearn: a value in `(0, 1]` is a fraction of the negatives (rounded half up, at
+            least 1; `1` selects all), a whole number above 1 a count (`weighting.budget_size`).
+        pool_size (`int`, *optional*):
+            Unselected negatives re-scored at each refresh after the first (exploration). `None`: the rows of one
+            optimizer step (per-device batch × accumulation × processes).
         pa_samples (`int`, *optional*):
-            Number of alignment pairs sampled to estimate `∇J` at each refresh. `None` uses them all.
+            Number of alignment pairs sampled to estimate `∇J` at each refresh. `None`: every pair at the first
+            refresh, then as many pairs as one optimizer step has rows.
         weight_lr (`float`, *optional*, defaults to `0.2`):
             Step size η_w of the tempered mirror-ascent weight update. `0` means selection only (uniform weights on
             the selected set).
@@ -72,17 +87,22 @@ class U2AConfig(KTOConfig):
             Coefficient ρ of the ℓ1/2 penalty `ρ Σ √ω_i` on the weights.
         preconditioner (`str`, *optional*, defaults to `"adam"`):
             Approximation `P` of the Hessian in the score `s_i = ∇Jᵀ P⁻¹ ∇ℓ_i`: `"identity"`, `"adam"` (the
-            optimizer's second moments; identity before the first step) or `"fisher"` (diagonal empirical Fisher of
-            `J`).
+            optimizer's second moments; before the first step, estimated from `preconditioner_batches` batches) or
+            `"fisher"` (diagonal empirical Fisher of `J`).
+        preconditioner_batches (`int`, *optional*, defaults to `8`):
+            With `preconditioner="adam"`, the first refresh has no optimizer state yet: Adam's second moments are
+            estimated as the mean squared gradient of the unlearning loss over this many training-size batches of
+            negatives (no optimizer step). `0` uses the identity there.
         damping (`float`, *optional*, defaults to `1e-8`):
             Damping λ added to the diagonal preconditioner.
         scoring_batch_size (`int`, *optional*):
             Batch size of the scoring forward/backward passes. Defaults to `per_device_train_batch_size`.
         in_training_scores (`bool`, *optional*, defaults to `True`):
-            Score the trained negatives during their training backward with the last `v`, so that a refresh only
-            re-scores the ones not trained since the last refresh and the exploration pool. Used when the output
-            embedding is frozen (PEFT/QLoRA); with a trainable LM head TRL's fused head bypasses the module, so
-            every refresh rescores instead.
+            Score the trained negatives during their training backward with the query `v` of the last refresh. A
+            refresh then ranks with that same `v` (one scale per ranking): it scores only the exploration pool with
+            it, carries the selected negatives not trained since, and installs its new `v` for the next window. Used
+            when the output embedding is frozen (PEFT/QLoRA); with a trainable LM head TRL's fused head bypasses the
+            module, so every refresh rescores the selected negatives with its new `v` instead.
         patience (`int`, *optional*, defaults to `0`):
             Stop training when `J` has not improved for this many refreshes. `0` disables it.
         retain_nll_tolerance (`float`, *optional*):
@@ -156,8 +176,25 @@ class U2AConfig(KTOConfig):
 
     # Bi-level reweighting
     beta_pa: float = field(default=0.1, metadata={"help": "β of the DPO alignment objective J."})
-    reweight_steps: int = field(
-        default=50, metadata={"help": "Optimizer steps between refreshes (a refresh also runs before step 1)."}
+    reweight_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Fixed cadence: optimizer steps between refreshes (a refresh also runs before step 1). None: "
+            "refreshes placed so that they cost at most reweight_overhead of the training compute."
+        },
+    )
+    reweight_warmup_steps: float = field(
+        default=0.2,
+        metadata={
+            "help": "Steps of plain unlearning before the initial pass scores every negative: an integer, or a float "
+            "in [0, 1) for a ratio of the total steps."
+        },
+    )
+    reweight_overhead: float = field(
+        default=0.15,
+        metadata={
+            "help": "Share of the training compute the refreshes after the initial pass may cost (reweight_steps=None)."
+        },
     )
     budget: float = field(
         default=0.25,
@@ -166,11 +203,19 @@ class U2AConfig(KTOConfig):
             "a count."
         },
     )
-    pool_size: int = field(
-        default=64, metadata={"help": "Unselected negatives re-scored per refresh after the first (exploration)."}
+    pool_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Unselected negatives re-scored per refresh after the first (exploration); None: the rows of one "
+            "optimizer step."
+        },
     )
     pa_samples: int | None = field(
-        default=None, metadata={"help": "Alignment pairs sampled to estimate ∇J per refresh; None uses all."}
+        default=None,
+        metadata={
+            "help": "Alignment pairs sampled to estimate ∇J per refresh; None: all at the first refresh, then the "
+            "rows of one optimizer step."
+        },
     )
     weight_lr: float = field(
         default=0.2, metadata={"help": "Step size of the mirror-ascent weight update; 0 = selection only."}
@@ -183,6 +228,13 @@ class U2AConfig(KTOConfig):
         metadata={
             "help": "Hessian approximation in the scores: 'identity', 'adam' (optimizer second moments) or 'fisher'.",
             "choices": list(PRECONDITIONERS),
+        },
+    )
+    preconditioner_batches: int = field(
+        default=8,
+        metadata={
+            "help": "Batches that estimate Adam's second moments for the first refresh (no optimizer state yet); 0: "
+            "identity there."
         },
     )
     damping: float = field(default=1e-8, metadata={"help": "Damping λ added to the diagonal preconditioner."})
@@ -243,15 +295,27 @@ class U2AConfig(KTOConfig):
                 f"budget={self.budget} is neither a fraction in (0, 1] nor a whole count of negatives; use e.g. "
                 f"{int(self.budget)} or 0.5."
             )
-        for name in ("reweight_steps",):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an integer ≥ 1.")
-        for name in ("pool_size", "patience"):
+        _check_finite("reweight_overhead", self.reweight_overhead)
+        if not 0 < self.reweight_overhead <= 10:
+            raise ValueError(
+                f"reweight_overhead={self.reweight_overhead} must be in (0, 10]: the share of the training compute "
+                "that refreshes may cost, e.g. 0.15 for 15 %."
+            )
+        _check_non_negative("reweight_warmup_steps", self.reweight_warmup_steps)
+        if self.reweight_warmup_steps >= 1 and self.reweight_warmup_steps != int(self.reweight_warmup_steps):
+            raise ValueError(
+                f"reweight_warmup_steps={self.reweight_warmup_steps} must be a whole number of steps or a ratio in "
+                "[0, 1)."
+            )
+        for name in ("patience", "preconditioner_batches"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}={value!r} must be an integer ≥ 0.")
-        for name in ("pa_samples", "scoring_batch_size"):
+        if self.pool_size is not None and (
+            isinstance(self.pool_size, bool) or not isinstance(self.pool_size, int) or self.pool_size < 0
+        ):
+            raise ValueError(f"pool_size={self.pool_size!r} must be None or an integer ≥ 0.")
+        for name in ("reweight_steps", "pa_samples", "scoring_batch_size"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}={value!r} must be None or an integer ≥ 1.")
@@ -260,16 +324,11 @@ class U2AConfig(KTOConfig):
         _check_non_negative("min_score_scale", self.min_score_scale)
 
     def budget_count(self, num_negatives: int) -> int:
-        """The budget as a number of negatives, for `num_negatives` candidates."""
-        if self.budget <= 1:
-            return max(1, round(self.budget * num_negatives))
-        count = int(self.budget)
-        if count > num_negatives:
-            raise ValueError(
-                f"budget={count} is larger than the {num_negatives} negatives in train_dataset; use a count ≤ "
-                f"{num_negatives} or a fraction such as 0.5."
-            )
-        return count
+        """The budget as a number of negatives, for `num_negatives` candidates (`weighting.budget_size`)."""
+        try:
+            return budget_size(self.budget, num_negatives)
+        except ValueError as error:
+            raise ValueError(f"{error} (train_dataset has {num_negatives} negatives)") from None
 
 
 def _check_choice(name: str, value, choices) -> None:

@@ -834,6 +834,47 @@ def _pair_losses(objective, model, batch) -> torch.Tensor:
     return losses if padding is None else losses[~padding.to(losses.device)]
 
 
+def gradient_second_moments(
+    model: nn.Module, loss_fn: LossFn, batches: Iterable[dict], params: Sequence[nn.Parameter] | None = None
+) -> dict:
+    """Adam's second moments estimated without an optimizer step: `mean_b (∇ L_b)²`, `L_b` the mean unlearning loss
+    of batch `b` (what Adam squares is a mini-batch gradient, not a per-example one).
+
+    Args:
+        model: the policy (unwrapped; run in eval mode with gradient checkpointing off).
+        loss_fn: `loss_fn(model, batch) -> (B,)` per-example unlearning loss.
+        batches: this rank's share of each training-size batch, `PADDING` rows marked. Under `torch.distributed` the
+            gradient of each batch is the global mean over the ranks' rows (one SUM all-reduce per batch), so every
+            rank gets what one process with the whole batch gets; every rank must pass as many batches.
+        params: the parameters (default `tracked_parameters(model)`).
+
+    Returns:
+        `dict[param -> fp32 tensor]` shaped like each parameter's gradient; `v̂` for `precondition(...,
+        second_moments=...)`.
+    """
+    batches = list(batches)
+    distributed = dist.is_available() and dist.is_initialized()
+    if not batches:
+        raise ValueError("gradient_second_moments got no batches.")
+    base = unwrap_model(model)
+    params = _unique(tracked_parameters(base, warn=False) if params is None else params)
+    squares = [_zeros_full(p) for p in params]
+    with scoring_mode(base), torch.enable_grad(), _ForwardParameters(base, params) as forward:
+        for batch in batches:
+            losses = _checked_losses(loss_fn(base, batch), batch_size_of(batch), "loss_fn")
+            padding = batch.get(PADDING)
+            if padding is not None:
+                losses = losses[~padding.to(losses.device)]
+            grads = torch.autograd.grad(losses.sum(), forward.used, allow_unused=True)
+            grads = [_zeros_full(p) if g is None else g.to(torch.float32) for p, g in zip(params, grads)]
+            count = torch.tensor([float(losses.shape[0])], dtype=torch.float32, device=grads[0].device)
+            if distributed:
+                _all_reduce_sum([*grads, count])
+            for square, g in zip(squares, grads):
+                square += (g / count.clamp(min=1)) ** 2
+    return {p: square / len(batches) for p, square in zip(params, squares)}
+
+
 _ADAM_FALLBACK_LOGGED = False
 
 
@@ -843,6 +884,7 @@ def precondition(
     damping: float = 0.0,
     optimizer: torch.optim.Optimizer | None = None,
     fisher: ParamVector | None = None,
+    second_moments: ParamVector | None = None,
 ) -> dict:
     """`v = P⁻¹ g` for a positive diagonal `P ≈ H` (elementwise; returns `dict[param -> fp32 tensor]`).
 
@@ -854,7 +896,8 @@ def precondition(
       process. FSDP2's sharded states and DeepSpeed ZeRO-1/2/3's flat fp32 partitions are gathered to full shape (a
       collective per parameter; under DeepSpeed `step`, `ε` and `β₂` come from the wrapped optimizer). Without
       optimizer state for every parameter (before the first step, or a quantised or factored state), falls back to
-      identity and logs it.
+      identity and logs it, unless `second_moments` (`gradient_second_moments`) stands in for `v̂`: then
+      `P = sqrt(v̂) + ε + λ` with `ε` from the optimizer's first group (applied as `"adam-estimated"`).
     - `"fisher"`: `P = F + λ` with `F` the diagonal empirical Fisher of the per-pair alignment gradients
       (`alignment_gradient(..., return_fisher=True).fisher`); costs one forward+backward per alignment pair.
       Entries with `P = 0` (no pair moves that weight, so `g = 0` there too) get `v = 0`; use `damping > 0` to
@@ -862,10 +905,10 @@ def precondition(
 
     Damping `λ ≥ 0` is added to every diagonal.
     """
-    return _precondition(grads, preconditioner, damping, optimizer, fisher)[0]
+    return _precondition(grads, preconditioner, damping, optimizer, fisher, second_moments)[0]
 
 
-def _precondition(grads, preconditioner, damping, optimizer, fisher) -> tuple[dict, str]:
+def _precondition(grads, preconditioner, damping, optimizer, fisher, second_moments=None) -> tuple[dict, str]:
     """`precondition`, also returning the preconditioner actually applied (`"identity"` after an adam fallback)."""
     global _ADAM_FALLBACK_LOGGED
     if preconditioner not in PRECONDITIONERS:
@@ -880,6 +923,9 @@ def _precondition(grads, preconditioner, damping, optimizer, fisher) -> tuple[di
         if optimizer is None:
             raise ValueError("preconditioner='adam' needs the optimizer (its exp_avg_sq state).")
         denoms = _adam_denominators(grads, optimizer, damping)
+        if denoms is None and second_moments is not None:
+            eps = optimizer.param_groups[0].get("eps", 1e-8) if optimizer.param_groups else 1e-8
+            return {p: g / (second_moments[p].to(g).sqrt() + eps + damping) for p, g in grads.items()}, "adam-estimated"
         if denoms is None:
             message = (
                 "preconditioner='adam': the optimizer has no second-moment state (exp_avg_sq and step) for every "
@@ -1029,12 +1075,14 @@ def _deepspeed_adam_denominators(grads: ParamVector, zero, damping: float) -> di
 
 
 class QueryVector(dict):
-    """`dict[param -> v]` (fp32), with `objective_value` (J at the current parameters), `num_pairs` and
-    `preconditioner` (the one applied: `"identity"` when `"adam"` fell back for lack of optimizer state)."""
+    """`dict[param -> v]` (fp32), with `objective_value` (J at the current parameters), `num_pairs`,
+    `preconditioner` (the one applied: `"identity"` when `"adam"` fell back for lack of optimizer state,
+    `"adam-estimated"` with estimated second moments) and `refresh`."""
 
     objective_value: float
     num_pairs: int
     preconditioner: str
+    refresh: int | None = None  # the refresh that computed it (set by the refresh callback)
 
 
 def compute_query(
@@ -1045,15 +1093,17 @@ def compute_query(
     damping: float = 0.0,
     optimizer: torch.optim.Optimizer | None = None,
     params: Sequence[nn.Parameter] | None = None,
+    second_moments: ParamVector | None = None,
 ) -> QueryVector:
     """`v = P⁻¹ ∇J` over `params` (default `tracked_parameters(model)`, which warns once about excluded
-    parameters): `alignment_gradient` then `precondition`."""
+    parameters): `alignment_gradient` then `precondition` (`second_moments`: Adam's, estimated, for before the
+    optimizer's first step)."""
     if preconditioner not in PRECONDITIONERS:
         raise ValueError(f"preconditioner={preconditioner!r} is not supported; expected one of {PRECONDITIONERS}.")
     if params is None:
         params = tracked_parameters(model)
     grads = alignment_gradient(model, objective, pair_batches, params, return_fisher=preconditioner == "fisher")
-    vector, applied = _precondition(grads, preconditioner, damping, optimizer, grads.fisher)
+    vector, applied = _precondition(grads, preconditioner, damping, optimizer, grads.fisher, second_moments)
     v = QueryVector(vector)
     v.objective_value = grads.objective_value
     v.num_pairs = grads.num_pairs

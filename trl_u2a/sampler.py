@@ -24,7 +24,10 @@ class WeightedNegativeSampler(Sampler[int]):
     Args:
         negative_rows: `(n,)` int64, the dataset row of each negative id.
         retain_rows: `(r,)` int64 rows of the retain examples, or `None` when no retain term is trained.
-        negatives_per_epoch: negatives drawn per epoch (the budget), fixed so the trainer's step count stays exact.
+        negatives_per_epoch: negatives drawn per epoch (the trainer passes the budget rounded up to whole global
+            batches, so that every step trains a full batch), fixed so the trainer's step count stays exact. Draws
+            cycle through blocks: each block is a random permutation of the active negatives (`"loss"`), so within
+            an epoch every selected negative is drawn once before any is drawn twice.
         weights: `(n,)` initial weights.
         mode: `"loss"` (each block is a permutation of the active negatives) or `"sampling"` (each block is drawn with
             replacement with probability ∝ ω).

@@ -280,14 +280,17 @@ class U2ATrainer(KTOTrainer):
 
     def _get_train_sampler(self, train_dataset=None):
         retain_rows = self._retain_rows if self.args.retain_weight > 0 else None
+        global_batch = self.args.per_device_train_batch_size * self.accelerator.num_processes
         self._sampler = WeightedNegativeSampler(
             negative_rows=self._negative_rows,
             retain_rows=retain_rows,
-            negatives_per_epoch=self.budget,
+            # Whole global batches: an epoch of `budget` draws would end on a partial batch (budget 49 at batch 8:
+            # every 7th step trained one negative). The draws cycle through the selected negatives anyway.
+            negatives_per_epoch=-(-self.budget // global_batch) * global_batch,
             weights=self.weight_state.weights,
             mode=self.args.weighting,
             seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
-            global_batch_size=self.args.per_device_train_batch_size * self.accelerator.num_processes,
+            global_batch_size=global_batch,
         )
         if self._pending_sampler_state is not None:
             self._sampler.load_state_dict(self._pending_sampler_state)
@@ -525,7 +528,10 @@ class U2ATrainer(KTOTrainer):
         return state
 
     def load_u2a_state_dict(self, state: dict[str, Any]) -> None:
-        self.set_weights(WeightState.from_state_dict(state["weights"]))
+        # Checks that the checkpoint has as many negatives as this run before anything is installed
+        restored = WeightState.uniform(self.num_negatives)
+        restored.load_state_dict(state["weights"])
+        self.set_weights(restored)
         if "sampler" in state:
             if self._sampler is not None:
                 self._sampler.load_state_dict(state["sampler"])

@@ -44,6 +44,7 @@ def main():
         budget=4,
         pool_size=2,
         reweight_steps=2,
+        reweight_warmup_steps=0,
         preconditioner=overrides.pop("preconditioner", "adam"),
         save_strategy=overrides.pop("save_strategy", "no"),
         save_steps=int(overrides.pop("save_steps", 500)),
