@@ -7,9 +7,11 @@ Two parts, each measured side by side in ONE process:
   log-probs) vs `trl.KTOTrainer` (`loss_type="apo_zero_unpaired"`, `precompute_ref_log_probs=True`: the same one
   forward+backward per step) and `trl.SFTTrainer` (completion-only NLL), on the same rows and model. Target: U2A
   ≤ 1.05× each. `--all-baselines` adds KTO with TRL's defaults (reference forward every step) and the `kto` loss.
-- `overhead`: the total time of a U2A run at default settings (`alignment_dataset` given, `reweight_steps=50`,
-  `in_training_scores=True`, ...) vs the same run with reweighting off, and vs `in_training_scores=False`. Target:
-  reweighting overhead ≤ 10 %.
+- `overhead`: the total time of a U2A run at the package defaults (`alignment_dataset` given, the overhead-bounded
+  cadence after a warm-up, `in_training_scores=True`, ...) vs the same run with reweighting off, and vs
+  `in_training_scores=False`. Reported apart: the initial pass (as a multiple of one training pass over the
+  negatives) and the later refreshes (their share of the training time, against `reweight_overhead`; target: within
+  it, and ≥ 3 re-selections in a 60-step run at batch 8).
 
 How runs are interleaved: each trainer's `train()` runs in its own thread, and a round-robin baton lets exactly one
 thread run at a time, handing over after every optimizer step (`on_step_end`, after U2A's refresh). So every run
@@ -56,8 +58,10 @@ def parse_args(argv=None):
     parser.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps of every trainer")
     parser.add_argument("--steps", type=int, default=12, help="step part: timed steps per trainer")
     parser.add_argument("--warmup", type=int, default=3, help="step part: untimed first steps per trainer")
-    parser.add_argument("--run-steps", type=int, default=150, help="overhead part: optimizer steps of each run")
-    parser.add_argument("--reweight-steps", type=int, default=50, help="overhead part: U2A reweight_steps (default 50)")
+    parser.add_argument("--run-steps", type=int, default=60, help="overhead part: optimizer steps of each run")
+    parser.add_argument(
+        "--reweight-steps", type=int, default=None, help="overhead part: a fixed U2A reweight_steps (default: None)"
+    )
     parser.add_argument("--negatives", type=int, default=512, help="negatives in the training set")
     parser.add_argument("--retain", type=int, default=512, help="retain rows (label=True) in the training set")
     parser.add_argument("--pairs", type=int, default=64, help="alignment pairs (overhead part)")
@@ -74,7 +78,7 @@ def parse_args(argv=None):
     if args.quick:
         args.steps, args.warmup = min(args.steps, 6), min(args.warmup, 2)
         args.negatives, args.retain, args.pairs = min(args.negatives, 128), min(args.retain, 64), min(args.pairs, 32)
-        args.run_steps = min(args.run_steps, 2 * args.reweight_steps)
+        args.run_steps = min(args.run_steps, 30)
     args.models = [m for m in args.models.split(",") if m]
     args.seq_lens = [int(s) for s in args.seq_lens.split(",") if s]
     args.parts = [p for p in args.parts.split(",") if p]
@@ -354,6 +358,16 @@ def part_overhead(args, model_path, data, seq_len, workdir):
             / (off["train_cpu"] + off["construction"]["cpu"])
             - 1,
             "refresh_share_cpu": r["refresh"]["cpu"] / off["train_cpu"],
+            # The initial pass on its own, and what the re-selections after it cost (the bound reweight_overhead)
+            "initial_pass_cpu": r["refresh"]["each"][0]["cpu"] if r["refresh"]["each"] else None,
+            "initial_pass_multiple": (
+                r["refresh"]["each"][0]["cpu"]
+                / (off["plain_step_cpu_median"] * args.negatives / (args.batch_size * args.grad_accum))
+                if r["refresh"]["each"]
+                else None
+            ),
+            "reselections": max(0, r["refresh"]["count"] - 1),
+            "after_initial_share_cpu": sum(e["cpu"] for e in r["refresh"]["each"][1:]) / off["train_cpu"],
             "plain_step_cpu": r["plain_step_cpu_median"] / off["plain_step_cpu_median"] - 1,
         }
     return {"trainers": results, "overhead": overhead}
@@ -381,7 +395,12 @@ def print_overhead(case, res):
     )
     for kind, r in res["trainers"].items():
         o = res["overhead"].get(kind)
-        ov = f"{100 * o['train_cpu']:11.1f}% {100 * o['train_wall']:12.1f}%" if o else ""
+        ov = (
+            f"{100 * o['train_cpu']:11.1f}% {100 * o['train_wall']:12.1f}%  initial pass {o['initial_pass_multiple']:.2f}x"
+            f", {o['reselections']} re-selections {100 * o['after_initial_share_cpu']:.1f}%"
+            if o
+            else ""
+        )
         print(
             f"{kind:28s} {r['train_wall']:8.1f} {r['train_cpu']:8.1f} {r['refresh']['count']:9d} "
             f"{r['refresh']['cpu']:9.1f} {r['plain_step_cpu_median']:9.3f} {ov}"
@@ -439,7 +458,10 @@ def main(argv=None):
 
 
 def summary(report):
-    print("\nSummary (targets: U2A step ≤ 1.05× KTO and SFT; reweighting overhead ≤ 10 %)")
+    print(
+        "\nSummary (targets: U2A step ≤ 1.05× KTO and SFT; re-selections after the initial pass within "
+        "reweight_overhead, ≥ 3 of them in 60 steps)"
+    )
     for case, entry in report["cases"].items():
         if "step" in entry:
             for key, r in entry["step"]["ratios"].items():
@@ -448,7 +470,9 @@ def summary(report):
             for kind, o in entry["overhead"]["overhead"].items():
                 print(
                     f"  {case:24s} overhead {kind:39s} cpu {100 * o['train_cpu']:+.1f} %  wall "
-                    f"{100 * o['train_wall']:+.1f} %  (plain steps {100 * o['plain_step_cpu']:+.1f} %)"
+                    f"{100 * o['train_wall']:+.1f} %  (plain steps {100 * o['plain_step_cpu']:+.1f} %); initial pass "
+                    f"{o['initial_pass_multiple']:.2f}x a training pass over the negatives; {o['reselections']} "
+                    f"re-selections: {100 * o['after_initial_share_cpu']:.1f} % of training"
                 )
 
 
