@@ -29,12 +29,14 @@ from . import data as u2a_data
 from .config import U2AConfig
 from .losses import completion_logps, kl_to_reference, nll_loss, unlearning_loss
 from .modeling import _is_bnb_4bit as is_bnb_4bit
+from .safe_state import LEGACY_STATE_FILE, STATE_JSON, STATE_TENSORS, load_legacy_state, load_state, save_state
 from .sampler import WeightedNegativeSampler
 from .weighting import WeightState
 
 logger = get_logger(__name__)
 
-STATE_FILE = "u2a_state.pt"
+# The completeness marker of the U2A state: written after its tensor file (`safe_state.STATE_TENSORS`)
+STATE_FILE = STATE_JSON
 
 
 @contextlib.contextmanager
@@ -545,19 +547,25 @@ class U2ATrainer(KTOTrainer):
         state = self.u2a_state_dict()  # on every rank: it gathers the per-rank in-training scores
         if self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
-            torch.save(state, os.path.join(output_dir, STATE_FILE))
+            # safetensors + JSON, not a pickle: loading them cannot run code (see `safe_state`)
+            save_state(state, output_dir)
         super()._save_checkpoint(model, trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, STATE_FILE)
-        if not os.path.isfile(path):
+        # The U2A state first: a refused or unreadable one should stop the resume before any model file is read
+        if os.path.isfile(os.path.join(resume_from_checkpoint, STATE_FILE)):
+            state = load_state(resume_from_checkpoint)
+        elif os.path.isfile(os.path.join(resume_from_checkpoint, LEGACY_STATE_FILE)):
+            # An earlier trl-u2a's pickle: read with weights_only=True, which refuses anything but tensors and plain
+            # containers before it is built
+            state = load_legacy_state(os.path.join(resume_from_checkpoint, LEGACY_STATE_FILE))
+        else:
             raise FileNotFoundError(
                 f"{resume_from_checkpoint} has no {STATE_FILE}: it was not written by U2ATrainer, so the weights of "
-                "the "
-                "negatives cannot be restored."
+                "the negatives cannot be restored."
             )
-        self.load_u2a_state_dict(torch.load(path, weights_only=False))
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self.load_u2a_state_dict(state)
 
 
 def checkpoint_problem(path: str) -> str | None:
@@ -568,8 +576,11 @@ def checkpoint_problem(path: str) -> str | None:
 
     if not os.path.isdir(path):
         return "it is not a directory"
-    if not os.path.isfile(os.path.join(path, STATE_FILE)):
-        return f"it has no {STATE_FILE} (not written by U2ATrainer, or the save was interrupted)"
+    has_state = os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isfile(os.path.join(path, STATE_TENSORS))
+    if not has_state and not os.path.isfile(os.path.join(path, LEGACY_STATE_FILE)):
+        return (
+            f"it has no {STATE_FILE} and {STATE_TENSORS} (not written by U2ATrainer, or the save was interrupted)"
+        )
     try:
         with open(os.path.join(path, "trainer_state.json")) as f:
             json.load(f)
