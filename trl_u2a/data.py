@@ -141,7 +141,8 @@ def _is_blank(value: Any) -> bool:
     if isinstance(value, str):
         return not value.strip()
     if isinstance(value, list):
-        return not any(isinstance(m, dict) and isinstance(m.get("content"), str) and m["content"].strip() for m in value)
+        texts = [m.get("content") for m in value if isinstance(m, dict)]
+        return not any(isinstance(t, str) and t.strip() for t in texts)
     return False
 
 

@@ -503,13 +503,24 @@ class U2ATrainer(KTOTrainer):
     # ------------------------------------------------------------ checkpoint
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """`Trainer.train`, resuming only from a *complete* checkpoint: `resume_from_checkpoint=True` takes the last
-        checkpoint of `output_dir` whose files were all written (a run killed while saving leaves a partial one)."""
+        checkpoint of `output_dir` whose files were all written (a run killed while saving leaves a partial one).
+
+        The strings `"true"` and `"last"` (any case; what a command line or YAML file passes) mean True, and
+        `"false"`/`"none"` mean None, unless a directory of that name exists.
+        """
+        if isinstance(resume_from_checkpoint, str) and not os.path.isdir(resume_from_checkpoint):
+            word = resume_from_checkpoint.strip().lower()
+            if word in ("true", "last"):
+                resume_from_checkpoint = True
+            elif word in ("false", "none", ""):
+                resume_from_checkpoint = None
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(
                     f"resume_from_checkpoint=True but {self.args.output_dir} holds no complete checkpoint "
-                    f"(a checkpoint-N directory with {STATE_FILE} and a readable trainer_state.json)."
+                    f"(a checkpoint-N directory with {STATE_FILE} and a readable trainer_state.json). Drop "
+                    "resume_from_checkpoint to start from scratch, or pass the output_dir of the run to resume."
                 )
         elif isinstance(resume_from_checkpoint, str):
             missing = checkpoint_problem(resume_from_checkpoint)
