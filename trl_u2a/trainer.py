@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import textwrap
 from collections import defaultdict
 from typing import Any, ClassVar
@@ -423,11 +424,54 @@ class U2ATrainer(KTOTrainer):
 
     # ------------------------------------------------------------ model card
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        """TRL's model card plus a U2A section: the configuration, the selection and weight summary, the citation."""
-        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
-        if self.is_world_process_zero():
-            with open(os.path.join(self.args.output_dir, "README.md"), "a") as f:
-                f.write(self.u2a_model_card_section())
+        """TRL's model card, with the base model named (TRL's writes "[None](https://huggingface.co/None)" for a local
+        path), the Quick start pointing at this model, a U2A section (configuration, selection, weights, J at the start
+        and after training) and the U2A citation once."""
+        if not self.is_world_process_zero():
+            return
+        from trl.trainer.utils import generate_model_card, get_comet_experiment_url, get_trackio_space_url
+
+        config = self.accelerator.unwrap_model(self.model).config
+        base = str(getattr(config, "_name_or_path", "") or "")
+        on_hub = bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", base)) and not os.path.exists(base)
+        if on_hub:
+            base_text = f"[{base}](https://huggingface.co/{base})"
+        elif base:
+            base_text = f"the local model `{base}`"
+        else:
+            base_text = "a model built in memory (it has no name or path)"
+        # The Quick start loads this model: its Hub id once pushed, else the directory it is saved in
+        model_ref = getattr(self, "hub_model_id", None) or self.args.hub_model_id or self.args.output_dir
+        tags = {tags} if isinstance(tags, str) else set(tags or ())
+        tags.update(self._tag_names)
+        wandb_url = None
+        with contextlib.suppress(ImportError, AttributeError):
+            import wandb
+
+            wandb_url = wandb.run.url if wandb.run is not None else None
+        placeholder = "U2A_BASE_MODEL"
+        card = generate_model_card(
+            base_model=placeholder,
+            model_name=model_name,
+            hub_model_id=model_ref,
+            dataset_name=dataset_name,
+            tags=sorted(tags),
+            wandb_url=wandb_url,
+            trackio_url=get_trackio_space_url(),
+            comet_url=get_comet_experiment_url(),
+            trainer_name=self._name,
+            trainer_citation=self._paper["citation"],
+            paper_title=self._paper["title"],
+            paper_id=self._paper["id"],
+        )
+        # The card's metadata takes a Hub id only (the Hub rejects a local path there)
+        card.data.base_model = base if on_hub else None
+        text = card.text.replace(f"[{placeholder}](https://huggingface.co/{placeholder})", base_text)
+        text = text.replace(placeholder, base or "model")
+        section = self.u2a_model_card_section()
+        text = text.replace("## Citations", section + "\n## Citations", 1) if "## Citations" in text else text + section
+        card.text = text
+        card.save(os.path.join(self.args.output_dir, "README.md"))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)
@@ -489,15 +533,18 @@ class U2ATrainer(KTOTrainer):
             )
         if self.refresh_callback is not None and self.refresh_callback.history:
             history = self.refresh_callback.history
+            # The record marked final is J after training (measured after the last refresh); without one (training
+            # ended on a refresh step, or the card is written mid-run) the last refresh's J is the latest known
+            last = next((r for r in reversed(history) if r.get("final")), history[-1])
+            when = "after training" if last.get("final") else "at the last refresh"
             lines.append(
-                f"- Refreshes: {sum(r.get('refresh') is not None for r in history)}; alignment objective J "
-                "(DPO loss on "
-                f"the alignment set): {history[0]['objective']:.4f} at the start, {history[-1]['objective']:.4f} at "
-                "the end."
+                f"- Refreshes: {sum(r.get('refresh') is not None for r in history)}; alignment objective J (DPO loss "
+                f"on the alignment set): {history[0]['objective']:.4f} at the start, {last['objective']:.4f} {when} "
+                f"(step {last['step']})."
             )
         else:
             lines.append("- No alignment set: plain weighted unlearning, no selection.")
-        lines += ["", "Cite U2A:", "", "```bibtex", self._paper["citation"], "```", ""]
+        lines.append("")
         return "\n".join(lines)
 
     # ------------------------------------------------------------ checkpoint
@@ -526,7 +573,15 @@ class U2ATrainer(KTOTrainer):
             missing = checkpoint_problem(resume_from_checkpoint)
             if missing:
                 raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {missing}.")
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        # A checkpoint save at the last step wrote the card before `on_train_end` measured the final J: rewrite it
+        card = os.path.join(self.args.output_dir, "README.md")
+        if self.args.should_save and os.path.isfile(card):
+            with open(card) as f:
+                ours = "## U2A: what was unlearned" in f.read()
+            if ours:
+                self.create_model_card(model_name=os.path.basename(os.path.normpath(self.args.output_dir)))
+        return output
 
     def u2a_state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the weight trajectory exactly: weights, scores, sampler, refresh state."""
