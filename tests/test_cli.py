@@ -100,3 +100,17 @@ def test_ctrl_c_before_any_checkpoint_says_so(tmp_path, monkeypatch, capsys):
 def test_resume_true_without_a_checkpoint_says_what_to_do(tmp_path):
     with pytest.raises(ValueError, match="holds no complete checkpoint .* Drop resume_from_checkpoint"):
         cli([*SMALL, "--output_dir", str(tmp_path / "none"), "--resume_from_checkpoint", "last"])
+
+
+def test_a_jsonl_alignment_file_needs_no_alignment_split(tmp_path):
+    import json
+
+    from conftest import CHOSEN, PROMPTS, REJECTED
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n"
+                             for p, c, r in zip(PROMPTS, CHOSEN, REJECTED)))  # fmt: skip
+    argv = [*SMALL, "--output_dir", str(tmp_path / "run"), "--max_steps", "1", "--save_strategy", "no"]
+    argv += ["--pa_samples", "4"]
+    trainer = cli([*argv, "--alignment_dataset_name", str(pairs)])  # its only split is "train", not "alignment"
+    assert len(trainer.alignment_dataset) == len(PROMPTS)

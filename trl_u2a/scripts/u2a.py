@@ -38,7 +38,9 @@ class U2AScriptArguments(ScriptArguments):
         alignment_dataset_config (`str`, *optional*):
             Configuration name of the alignment dataset.
         alignment_split (`str`, *optional*, defaults to `"alignment"`):
-            Split of the alignment set.
+            Split of the alignment set: of `alignment_dataset_name` when given (a dataset with a single split, such as
+            one .jsonl file, uses that split whatever its name), else of `dataset_name` (the `alignment` split that
+            `trl-u2a prepare-data` writes).
         synthetic_seed (`int`, *optional*, defaults to `0`):
             Seed of the built-in synthetic task (`dataset_name=trl-u2a/synthetic`).
     """
@@ -51,13 +53,19 @@ class U2AScriptArguments(ScriptArguments):
     alignment_dataset_config: str | None = field(
         default=None, metadata={"help": "Configuration name of the alignment dataset."}
     )
-    alignment_split: str = field(default="alignment", metadata={"help": "Split of the alignment set."})
+    alignment_split: str = field(
+        default="alignment",
+        metadata={
+            "help": "Split of the alignment set, in --alignment_dataset_name when given (a single-split dataset such "
+            "as one .jsonl file uses its only split), else in --dataset_name."
+        },
+    )
     synthetic_seed: int = field(default=0, metadata={"help": "Seed of the built-in synthetic task."})
 
 
-def load_dataset_any(name: str, config: str | None = None, synthetic_seed: int = 0):
+def load_dataset_any(name: str, config: str | None = None, synthetic_seed: int = 0, flag: str = "--dataset_name"):
     """A `DatasetDict` from a hub id, a local data file (.json/.jsonl/.csv/.parquet), a `save_to_disk` directory, or
-    the built-in synthetic task."""
+    the built-in synthetic task. A hub id that cannot be reached fails in seconds, in one line (`flag` names it)."""
     from datasets import DatasetDict, load_dataset, load_from_disk
 
     if name == SYNTHETIC_DATASET:
@@ -73,7 +81,9 @@ def load_dataset_any(name: str, config: str | None = None, synthetic_seed: int =
     if os.path.isfile(name) and extension in ("json", "jsonl", "csv", "parquet"):
         builder = "json" if extension == "jsonl" else extension
         return load_dataset(builder, data_files={"train": name})
-    return load_dataset(name, name=config)
+    from trl_u2a.prepare_data import load_hub_dataset
+
+    return load_hub_dataset(name, flag, name=config)
 
 
 def resolve_model(name_or_path: str, output_dir: str) -> str:
@@ -117,7 +127,12 @@ def main(script_args, training_args, model_args):
             f"it has {sorted(dataset)}."
         )
     if script_args.alignment_dataset_name:
-        alignment = load_dataset_any(script_args.alignment_dataset_name, script_args.alignment_dataset_config)
+        alignment = load_dataset_any(
+            script_args.alignment_dataset_name, script_args.alignment_dataset_config, flag="--alignment_dataset_name"
+        )
+        if script_args.alignment_split not in alignment and len(alignment) == 1:
+            # A single data file loads as one split named "train": that split is the alignment set
+            alignment = {script_args.alignment_split: next(iter(alignment.values()))}
         if script_args.alignment_split not in alignment:
             raise ValueError(
                 f"--alignment_split={script_args.alignment_split!r} is not a split of "
@@ -246,8 +261,12 @@ def cli(argv: list[str] | None = None):
         script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
     except UnknownOptionError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
+    from trl_u2a.prepare_data import HubUnreachableError
+
     try:
         return main(script_args, training_args, model_args)
+    except HubUnreachableError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     except KeyboardInterrupt:
         # Every rank gets the Ctrl-C; one message is enough
         if os.environ.get("RANK", "0") == "0":
