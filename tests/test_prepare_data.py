@@ -10,7 +10,7 @@ from conftest import cpu_args
 from datasets import Dataset, load_from_disk
 
 from trl_u2a.cli import main as trl_u2a_main
-from trl_u2a.prepare_data import build_splits, detect_schema, prepare_data, to_pairs
+from trl_u2a.prepare_data import build_splits, cli, detect_schema, prepare_data, to_pairs
 
 
 @contextlib.contextmanager
@@ -205,7 +205,7 @@ def test_errors_name_the_problem(tmp_path):
     for flag, value in (("alignment_fraction", 0.0), ("alignment_fraction", 1.0), ("rejected_fraction", 1.5)):
         with pytest.raises(ValueError, match=f"--{flag} {value} must be in \\(0, 1\\)"):
             prepare_data(source, str(tmp_path / "x"), num_test_prompts=2, **{flag: value})
-    with pytest.raises(ValueError, match=r"Too few rows.*smaller --num_test_prompts"):
+    with pytest.raises(ValueError, match=r"Too few rows.*--num_test_prompts 2000 holds out 10 prompts.*Pass --num"):
         prepare_data(source, str(tmp_path / "x"), num_test_prompts=2000)
     with pytest.raises(FileNotFoundError, match="no such file"):
         prepare_data(str(tmp_path / "missing.jsonl"), str(tmp_path / "x"))
@@ -241,3 +241,54 @@ def test_prepared_alignment_split_feeds_the_trainer(tiny_model_path, tmp_path):
     )
     trainer.train()
     assert trainer.state.global_step == 1
+
+
+def test_a_small_file_with_the_default_sizes_names_the_sizes_and_the_flag_that_fits(tmp_path, capsys):
+    source = write_pku_file(tmp_path / "pku.jsonl", num_prompts=40)
+    with pytest.raises(SystemExit) as exit_:
+        cli(["--dataset", source, "--output_dir", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "-" + "390" not in err
+    assert "--num_test_prompts 2000 holds out 40 prompts for testing, leaving 0" in err
+    suggested = int(err.split("Pass --num_test_prompts ")[1].split()[0])
+    assert cli(["--dataset", source, "--output_dir", str(tmp_path / "out"), "--num_test_prompts", str(suggested)]) == 0
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: 2000)" in out and "(default: 0.2)" in out and "--alignment_split alignment" in out
+
+
+def test_an_unreachable_hub_fails_fast_in_one_line_naming_the_offline_alternative(monkeypatch, tmp_path, capsys):
+    import socket
+    import time
+
+    import datasets
+    from huggingface_hub import constants
+
+    with socket.socket() as s:  # a port nothing listens on: the connection is refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("load_dataset must not be reached"))
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as exit_:
+        cli(["--dataset", "some-org/some-dataset", "--output_dir", str(tmp_path / "out")])
+    assert exit_.value.code == 2 and time.monotonic() - started < 10
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "--dataset 'some-org/some-dataset' is not a local path and cannot be loaded from the Hub" in err
+    assert "load_from_disk" in err and "HF_HUB_OFFLINE=1" in err
+
+
+def test_an_uncached_hub_id_offline_fails_in_one_line(tmp_path, capsys):
+    # The tests run with HF_HUB_OFFLINE=1: datasets raises its own ConnectionError for an id not in the cache
+    with pytest.raises(SystemExit) as exit_:
+        cli(["--dataset", "some-org/not-in-the-cache", "--output_dir", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot be loaded from the Hub" in err and "Traceback" not in err

@@ -148,6 +148,49 @@ def test_duplicated_ids_raise_value_error(tiny_model_path, tmp_path):
         U2ATrainer(model=tiny_model_path, args=cpu_args(tmp_path), train_dataset=dataset)
 
 
+def _with_blank(columns: dict, column: str, row: int, blank) -> Dataset:
+    columns = {k: list(v) for k, v in columns.items()}
+    columns[column][row] = blank
+    return Dataset.from_dict(columns)
+
+
+@pytest.mark.parametrize("blank", ["", "  \n\t"])
+@pytest.mark.parametrize(
+    "columns, column",
+    [
+        ({"prompt": PROMPTS, "completion": REJECTED}, "completion"),
+        ({"prompt": PROMPTS, "completion": REJECTED}, "prompt"),
+        ({"prompt": PROMPTS, "completion": REJECTED, "label": [False, True] * 3}, "completion"),
+        ({"prompt": PROMPTS, "chosen": CHOSEN, "rejected": REJECTED}, "rejected"),
+        ({"prompt": PROMPTS, "chosen": CHOSEN, "rejected": REJECTED}, "chosen"),
+        ({"chosen": [p + c for p, c in zip(PROMPTS, CHOSEN)], "rejected": REJECTED}, "rejected"),
+    ],
+)
+def test_empty_or_whitespace_texts_are_refused_with_row_and_column(tiny_model_path, tmp_path, columns, column, blank):
+    with pytest.raises(ValueError, match=rf"train_dataset: column '{column}' is empty or whitespace-only at row 4"):
+        U2ATrainer(model=tiny_model_path, args=cpu_args(tmp_path), train_dataset=_with_blank(columns, column, 4, blank))
+
+
+@pytest.mark.parametrize("column", ["prompt", "chosen", "rejected"])
+def test_empty_alignment_texts_are_refused_with_row_and_column(tiny_model_path, tmp_path, preference_dataset, column):
+    pairs = {"prompt": PROMPTS, "chosen": CHOSEN, "rejected": REJECTED}
+    pairs[column] = [pairs[column][0], ""] + [" "] * 4
+    with pytest.raises(ValueError, match=rf"alignment_dataset: column '{column}' is empty .* at row 1 \(and 4 more"):
+        U2ATrainer(
+            model=tiny_model_path,
+            args=cpu_args(tmp_path),
+            train_dataset=preference_dataset,
+            alignment_dataset=Dataset.from_dict(pairs),
+        )
+
+
+def test_conversations_without_text_are_refused(tiny_model_path, tmp_path, conversational_preference_dataset):
+    rows = conversational_preference_dataset.to_dict()
+    rows["rejected"][2] = [{"role": "assistant", "content": "   "}]
+    with pytest.raises(ValueError, match="column 'rejected' is empty or whitespace-only at row 2"):
+        U2ATrainer(model=tiny_model_path, args=cpu_args(tmp_path), train_dataset=Dataset.from_dict(rows))
+
+
 # --------------------------------------------------------------------------------------------- numerical guards
 class PoisonAt(TrainerCallback):
     """Sets every trainable parameter to NaN at the start of optimizer step `step`."""

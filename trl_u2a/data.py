@@ -47,7 +47,9 @@ def to_unpaired(dataset: Dataset, name: str = "train_dataset", num_proc: int | N
     """
     fmt = detect_format(dataset, name)
     if fmt == "preference":
-        _check_text_columns(dataset, name, [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names])
+        columns = [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names]
+        _check_text_columns(dataset, name, columns)
+        _check_not_blank(dataset, name, columns)
         if "prompt" not in dataset.column_names:
             dataset = dataset.map(extract_prompt, num_proc=num_proc, desc=f"Extracting prompt from {name}")
         keep = [c for c in dataset.column_names if c not in ("chosen", "rejected")]
@@ -64,8 +66,11 @@ def to_unpaired(dataset: Dataset, name: str = "train_dataset", num_proc: int | N
             return out
 
         dataset = dataset.map(unpair, batched=True, remove_columns=dataset.column_names, desc=f"Unpairing {name}")
-    elif fmt == "negatives":
-        dataset = dataset.add_column("label", [False] * len(dataset))
+    else:
+        _check_text_columns(dataset, name)
+        _check_not_blank(dataset, name, ["prompt", "completion"])
+        if fmt == "negatives":
+            dataset = dataset.add_column("label", [False] * len(dataset))
 
     labels = dataset["label"]
     bad = next((i for i, v in enumerate(labels) if not isinstance(v, bool)), None)
@@ -131,6 +136,35 @@ def _check_text_columns(dataset: Dataset, name: str, columns=("prompt", "complet
             )
 
 
+def _is_blank(value: Any) -> bool:
+    """True for text with no visible character, or a conversation whose messages together have none."""
+    if isinstance(value, str):
+        return not value.strip()
+    if isinstance(value, list):
+        texts = [m.get("content") for m in value if isinstance(m, dict)]
+        return not any(isinstance(t, str) and t.strip() for t in texts)
+    return False
+
+
+def _check_not_blank(dataset: Dataset, name: str, columns: list[str]) -> None:
+    """An empty or whitespace-only prompt, completion, chosen or rejected is an error, with its row and column.
+
+    An empty negative has no token to unlearn beyond EOS and an empty chosen/rejected makes a pair that says nothing,
+    yet both tokenize (EOS is appended) and would train silently; such rows are almost always a broken export.
+    Checked on the user's own columns, before unpairing, so the row number is the row of the dataset as given.
+    """
+    for column in columns:
+        values = dataset[column]
+        blank = [i for i, v in enumerate(values) if _is_blank(v)]
+        if blank:
+            more = f" (and {len(blank) - 1} more rows)" if len(blank) > 1 else ""
+            raise ValueError(
+                f"{name}: column '{column}' is empty or whitespace-only at row {blank[0]}{more}: {values[blank[0]]!r}. "
+                f"Every {column} needs text; drop or fix those rows "
+                f"(e.g. dataset.filter(lambda row: row['{column}'].strip()) for text columns)."
+            )
+
+
 def check_preference(dataset: Dataset, name: str = "alignment_dataset") -> Dataset:
     """Validate a preference dataset (`prompt, chosen, rejected`; implicit prompt allowed) and extract its prompt."""
     if not isinstance(dataset, Dataset):
@@ -144,6 +178,7 @@ def check_preference(dataset: Dataset, name: str = "alignment_dataset") -> Datas
     if len(dataset) == 0:
         raise ValueError(f"{name} is empty; the alignment objective needs at least one preference pair.")
     _check_text_columns(dataset, name, [c for c in ("prompt", "chosen", "rejected") if c in columns])
+    _check_not_blank(dataset, name, [c for c in ("prompt", "chosen", "rejected") if c in columns])
     if "prompt" not in columns:
         dataset = dataset.map(extract_prompt, desc=f"Extracting prompt from {name}")
     return dataset

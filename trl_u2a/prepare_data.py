@@ -71,7 +71,52 @@ def load_source(dataset: str, config: str | None = None, split: str = "train"):
     if os.path.isdir(dataset):
         # A directory of data files (or a local copy of a hub repository): the builder is inferred from its files
         return _pick_split(load_dataset(dataset, name=config), split, dataset)
-    return load_dataset(dataset, name=config, split=split)
+    return load_hub_dataset(dataset, "--dataset", name=config, split=split)
+
+
+class HubUnreachableError(ConnectionError):
+    """A dataset id that is no local path and cannot be loaded from the Hub; the message is one line."""
+
+
+def hub_unreachable_message(name: str, flag: str, why: str, offline: bool = False) -> str:
+    cache = (
+        "offline mode is on (HF_HUB_OFFLINE) and the Hugging Face cache has no copy of it"
+        if offline
+        else "with a copy in the Hugging Face cache, set HF_HUB_OFFLINE=1 to use it"
+    )
+    return (
+        f"{flag} {name!r} is not a local path and cannot be loaded from the Hub ({why}). Offline, pass a local "
+        "path instead: a .json/.jsonl/.parquet/.csv file, or a directory written by Dataset.save_to_disk (read with "
+        f"datasets.load_from_disk); {cache}."
+    )
+
+
+def load_hub_dataset(dataset_id: str, flag: str = "--dataset", timeout: float = 3.0, **kwargs):
+    """`datasets.load_dataset(dataset_id, **kwargs)` for a Hub id, failing in seconds and in one line when the Hub
+    cannot be reached (without this, `datasets` retries for 20-30 s and raises its raw `ConnectionError`/`OSError`)."""
+    import socket
+    from urllib.parse import urlparse
+
+    import datasets
+    from huggingface_hub import constants
+
+    if not datasets.config.HF_HUB_OFFLINE:
+        # One TCP connect with a short timeout tells "no network" apart before any retry loop starts
+        endpoint = urlparse(constants.ENDPOINT)
+        port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+        try:
+            socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+        except OSError as error:
+            why = f"{endpoint.hostname}:{port} unreachable: {error.strerror or type(error).__name__}"
+            raise HubUnreachableError(hub_unreachable_message(dataset_id, flag, why)) from None
+    try:
+        return datasets.load_dataset(dataset_id, **kwargs)
+    except (ConnectionError, OSError) as error:
+        if isinstance(error, FileNotFoundError) and not datasets.config.HF_HUB_OFFLINE:
+            raise  # the Hub answered: the id or file does not exist, and datasets' message says which
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        offline = bool(datasets.config.HF_HUB_OFFLINE)
+        raise HubUnreachableError(hub_unreachable_message(dataset_id, flag, first_line, offline)) from None
 
 
 def _pick_split(splits, split: str, name: str):
@@ -223,16 +268,11 @@ def build_splits(
     rng = random.Random(seed)
     rng.shuffle(keys)
     rest = len(keys) - num_test_prompts
-    num_alignment = round(alignment_fraction * rest)
+    num_alignment = max(round(alignment_fraction * rest), 0)
     train_keys = keys[num_test_prompts + num_alignment :]
     num_train_pairs = sum(len(by_prompt[k]) for k in train_keys)
     if rest < 2 or num_alignment < 1 or num_train_pairs < 2:
-        raise ValueError(
-            f"Too few rows: {len(pairs)} usable pairs with {len(keys)} distinct prompts leave {max(rest, 0)} prompts "
-            f"after the {num_test_prompts} test prompts, of which {num_alignment} for alignment and {len(train_keys)} "
-            f"(with {num_train_pairs} pairs) for training; the alignment set needs at least 1 prompt and training at "
-            "least 2 pairs. Use a smaller --num_test_prompts or a larger dataset."
-        )
+        raise ValueError(_too_few_message(len(pairs), len(keys), num_test_prompts, alignment_fraction))
     test_keys, alignment_keys = keys[:num_test_prompts], keys[num_test_prompts : num_test_prompts + num_alignment]
     prompt_id = {key: i for i, key in enumerate(sorted(keys))}
 
@@ -265,6 +305,24 @@ def build_splits(
     splits["test"] = splits["test_pairs"]
     render = _conversational_row if conversational else _standard_row
     return DatasetDict({name: _dataset(Dataset, [render(r) for r in data], name) for name, data in splits.items()})
+
+
+def _too_few_message(num_pairs: int, num_prompts: int, num_test_prompts: int, alignment_fraction: float) -> str:
+    """Why the split sizes do not fit the data, with the sizes and the flags (and values) that would."""
+    rest = max(num_prompts - num_test_prompts, 0)
+    head = (
+        f"Too few rows: {num_pairs} usable pairs with {num_prompts} distinct prompts. --num_test_prompts "
+        f"{num_test_prompts} holds out {min(num_test_prompts, num_prompts)} prompts for testing, leaving {rest}, and "
+        f"--alignment_fraction {alignment_fraction} gives {max(round(alignment_fraction * rest), 0)} of those to the "
+        "alignment set; it needs at least 1 alignment prompt and 2 training pairs."
+    )
+    # The largest test split (at most a tenth of the prompts) that leaves a valid alignment and training part
+    for test in range(min(num_test_prompts, num_prompts // 10), -1, -1):
+        left = num_prompts - test
+        alignment = round(alignment_fraction * left)
+        if left >= 2 and 1 <= alignment <= left - 1:
+            return f"{head} Pass --num_test_prompts {test} (or fewer) for this dataset, or use a larger dataset."
+    return f"{head} Use a dataset with more distinct prompts (at least 3), or adjust --alignment_fraction."
 
 
 def _unpaired(pair: dict[str, Any], completion: str, label: bool) -> dict[str, Any]:
@@ -364,7 +422,10 @@ def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Build the U2A splits (alignment, original, forget, retain, train, test_prompts, test_pairs) from "
-        "a preference dataset and save them with save_to_disk.",
+        "a preference dataset and save them with save_to_disk. `trl-u2a train --dataset_name OUTPUT_DIR` then reads "
+        "its train split, and its alignment split as the alignment set (--alignment_split alignment).",
+        # The defaults (e.g. 2000 test prompts) decide whether a small dataset fits: show them
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--dataset",
@@ -390,7 +451,12 @@ def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default=0.65,
         help="Fraction of the train pairs that put their rejected response into 'original'.",
     )
-    parser.add_argument("--num_test_prompts", type=int, default=2000, help="Prompts held out for evaluation.")
+    parser.add_argument(
+        "--num_test_prompts",
+        type=int,
+        default=2000,
+        help="Prompts held out for evaluation (test_prompts, test_pairs); lower it for a small dataset, 0 for none.",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the prompt split and of the rejected draw.")
     parser.add_argument(
         "--conversational",
@@ -413,8 +479,20 @@ def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    args = make_parser(prog="trl-u2a prepare-data").parse_args(argv)
-    _, summary = prepare_data(
+    parser = make_parser(prog="trl-u2a prepare-data")
+    args = parser.parse_args(argv)
+    try:
+        _, summary = _prepare_from_args(args)
+    except (HubUnreachableError, ValueError, FileNotFoundError) as error:
+        # Errors about the user's input: one line, as argparse reports a bad flag
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    print(format_summary(summary))
+    print(f"Saved to {args.output_dir}.")
+    return 0
+
+
+def _prepare_from_args(args):
+    return prepare_data(
         dataset=args.dataset,
         output_dir=args.output_dir,
         format=args.format,
@@ -427,9 +505,6 @@ def cli(argv: list[str] | None = None) -> int:
         split=args.split,
         pku_all_pairs=args.pku_all_pairs,
     )
-    print(format_summary(summary))
-    print(f"Saved to {args.output_dir}.")
-    return 0
 
 
 if __name__ == "__main__":

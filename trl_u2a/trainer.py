@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import textwrap
 from collections import defaultdict
 from typing import Any, ClassVar
@@ -29,12 +30,14 @@ from . import data as u2a_data
 from .config import U2AConfig
 from .losses import completion_logps, kl_to_reference, nll_loss, unlearning_loss
 from .modeling import _is_bnb_4bit as is_bnb_4bit
+from .safe_state import LEGACY_STATE_FILE, STATE_JSON, STATE_TENSORS, load_legacy_state, load_state, save_state
 from .sampler import WeightedNegativeSampler
 from .weighting import WeightState
 
 logger = get_logger(__name__)
 
-STATE_FILE = "u2a_state.pt"
+# The completeness marker of the U2A state: written after its tensor file (`safe_state.STATE_TENSORS`)
+STATE_FILE = STATE_JSON
 
 
 @contextlib.contextmanager
@@ -424,11 +427,54 @@ class U2ATrainer(KTOTrainer):
 
     # ------------------------------------------------------------ model card
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        """TRL's model card plus a U2A section: the configuration, the selection and weight summary, the citation."""
-        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
-        if self.is_world_process_zero():
-            with open(os.path.join(self.args.output_dir, "README.md"), "a") as f:
-                f.write(self.u2a_model_card_section())
+        """TRL's model card, with the base model named (TRL's writes "[None](https://huggingface.co/None)" for a local
+        path), the Quick start pointing at this model, a U2A section (configuration, selection, weights, J at the start
+        and after training) and the U2A citation once."""
+        if not self.is_world_process_zero():
+            return
+        from trl.trainer.utils import generate_model_card, get_comet_experiment_url, get_trackio_space_url
+
+        config = self.accelerator.unwrap_model(self.model).config
+        base = str(getattr(config, "_name_or_path", "") or "")
+        on_hub = bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", base)) and not os.path.exists(base)
+        if on_hub:
+            base_text = f"[{base}](https://huggingface.co/{base})"
+        elif base:
+            base_text = f"the local model `{base}`"
+        else:
+            base_text = "a model built in memory (it has no name or path)"
+        # The Quick start loads this model: its Hub id once pushed, else the directory it is saved in
+        model_ref = getattr(self, "hub_model_id", None) or self.args.hub_model_id or self.args.output_dir
+        tags = {tags} if isinstance(tags, str) else set(tags or ())
+        tags.update(self._tag_names)
+        wandb_url = None
+        with contextlib.suppress(ImportError, AttributeError):
+            import wandb
+
+            wandb_url = wandb.run.url if wandb.run is not None else None
+        placeholder = "U2A_BASE_MODEL"
+        card = generate_model_card(
+            base_model=placeholder,
+            model_name=model_name,
+            hub_model_id=model_ref,
+            dataset_name=dataset_name,
+            tags=sorted(tags),
+            wandb_url=wandb_url,
+            trackio_url=get_trackio_space_url(),
+            comet_url=get_comet_experiment_url(),
+            trainer_name=self._name,
+            trainer_citation=self._paper["citation"],
+            paper_title=self._paper["title"],
+            paper_id=self._paper["id"],
+        )
+        # The card's metadata takes a Hub id only (the Hub rejects a local path there)
+        card.data.base_model = base if on_hub else None
+        text = card.text.replace(f"[{placeholder}](https://huggingface.co/{placeholder})", base_text)
+        text = text.replace(placeholder, base or "model")
+        section = self.u2a_model_card_section()
+        text = text.replace("## Citations", section + "\n## Citations", 1) if "## Citations" in text else text + section
+        card.text = text
+        card.save(os.path.join(self.args.output_dir, "README.md"))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)
@@ -490,33 +536,55 @@ class U2ATrainer(KTOTrainer):
             )
         if self.refresh_callback is not None and self.refresh_callback.history:
             history = self.refresh_callback.history
+            # The record marked final is J after training (measured after the last refresh); without one (training
+            # ended on a refresh step, or the card is written mid-run) the last refresh's J is the latest known
+            last = next((r for r in reversed(history) if r.get("final")), history[-1])
+            when = "after training" if last.get("final") else "at the last refresh"
             lines.append(
-                f"- Refreshes: {sum(r.get('refresh') is not None for r in history)}; alignment objective J "
-                "(DPO loss on "
-                f"the alignment set): {history[0]['objective']:.4f} at the start, {history[-1]['objective']:.4f} at "
-                "the end."
+                f"- Refreshes: {sum(r.get('refresh') is not None for r in history)}; alignment objective J (DPO loss "
+                f"on the alignment set): {history[0]['objective']:.4f} at the start, {last['objective']:.4f} {when} "
+                f"(step {last['step']})."
             )
         else:
             lines.append("- No alignment set: plain weighted unlearning, no selection.")
-        lines += ["", "Cite U2A:", "", "```bibtex", self._paper["citation"], "```", ""]
+        lines.append("")
         return "\n".join(lines)
 
     # ------------------------------------------------------------ checkpoint
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """`Trainer.train`, resuming only from a *complete* checkpoint: `resume_from_checkpoint=True` takes the last
-        checkpoint of `output_dir` whose files were all written (a run killed while saving leaves a partial one)."""
+        checkpoint of `output_dir` whose files were all written (a run killed while saving leaves a partial one).
+
+        The strings `"true"` and `"last"` (any case; what a command line or YAML file passes) mean True, and
+        `"false"`/`"none"` mean None, unless a directory of that name exists.
+        """
+        if isinstance(resume_from_checkpoint, str) and not os.path.isdir(resume_from_checkpoint):
+            word = resume_from_checkpoint.strip().lower()
+            if word in ("true", "last"):
+                resume_from_checkpoint = True
+            elif word in ("false", "none", ""):
+                resume_from_checkpoint = None
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(
                     f"resume_from_checkpoint=True but {self.args.output_dir} holds no complete checkpoint "
-                    f"(a checkpoint-N directory with {STATE_FILE} and a readable trainer_state.json)."
+                    f"(a checkpoint-N directory with {STATE_FILE} and a readable trainer_state.json). Drop "
+                    "resume_from_checkpoint to start from scratch, or pass the output_dir of the run to resume."
                 )
         elif isinstance(resume_from_checkpoint, str):
             missing = checkpoint_problem(resume_from_checkpoint)
             if missing:
                 raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {missing}.")
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        # A checkpoint save at the last step wrote the card before `on_train_end` measured the final J: rewrite it
+        card = os.path.join(self.args.output_dir, "README.md")
+        if self.args.should_save and os.path.isfile(card):
+            with open(card) as f:
+                ours = "## U2A: what was unlearned" in f.read()
+            if ours:
+                self.create_model_card(model_name=os.path.basename(os.path.normpath(self.args.output_dir)))
+        return output
 
     def u2a_state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the weight trajectory exactly: weights, scores, sampler, refresh state."""
@@ -551,19 +619,25 @@ class U2ATrainer(KTOTrainer):
         state = self.u2a_state_dict()  # on every rank: it gathers the per-rank in-training scores
         if self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
-            torch.save(state, os.path.join(output_dir, STATE_FILE))
+            # safetensors + JSON, not a pickle: loading them cannot run code (see `safe_state`)
+            save_state(state, output_dir)
         super()._save_checkpoint(model, trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, STATE_FILE)
-        if not os.path.isfile(path):
+        # The U2A state first: a refused or unreadable one should stop the resume before any model file is read
+        if os.path.isfile(os.path.join(resume_from_checkpoint, STATE_FILE)):
+            state = load_state(resume_from_checkpoint)
+        elif os.path.isfile(os.path.join(resume_from_checkpoint, LEGACY_STATE_FILE)):
+            # An earlier trl-u2a's pickle: read with weights_only=True, which refuses anything but tensors and plain
+            # containers before it is built
+            state = load_legacy_state(os.path.join(resume_from_checkpoint, LEGACY_STATE_FILE))
+        else:
             raise FileNotFoundError(
                 f"{resume_from_checkpoint} has no {STATE_FILE}: it was not written by U2ATrainer, so the weights of "
-                "the "
-                "negatives cannot be restored."
+                "the negatives cannot be restored."
             )
-        self.load_u2a_state_dict(torch.load(path, weights_only=False))
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self.load_u2a_state_dict(state)
 
 
 def checkpoint_problem(path: str) -> str | None:
@@ -574,8 +648,11 @@ def checkpoint_problem(path: str) -> str | None:
 
     if not os.path.isdir(path):
         return "it is not a directory"
-    if not os.path.isfile(os.path.join(path, STATE_FILE)):
-        return f"it has no {STATE_FILE} (not written by U2ATrainer, or the save was interrupted)"
+    has_state = os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isfile(os.path.join(path, STATE_TENSORS))
+    if not has_state and not os.path.isfile(os.path.join(path, LEGACY_STATE_FILE)):
+        return (
+            f"it has no {STATE_FILE} and {STATE_TENSORS} (not written by U2ATrainer, or the save was interrupted)"
+        )
     try:
         with open(os.path.join(path, "trainer_state.json")) as f:
             json.load(f)

@@ -15,10 +15,13 @@ Llama and tokenizer on the fly, and `--dataset_name trl-u2a/synthetic` uses the 
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
+import shlex
+import sys
 from dataclasses import dataclass, field
 
-from trl import ScriptArguments
+from trl import ScriptArguments, TrlParser
 
 TINY_MODEL = "trl-u2a/tiny"
 SYNTHETIC_DATASET = "trl-u2a/synthetic"
@@ -35,7 +38,9 @@ class U2AScriptArguments(ScriptArguments):
         alignment_dataset_config (`str`, *optional*):
             Configuration name of the alignment dataset.
         alignment_split (`str`, *optional*, defaults to `"alignment"`):
-            Split of the alignment set.
+            Split of the alignment set: of `alignment_dataset_name` when given (a dataset with a single split, such as
+            one .jsonl file, uses that split whatever its name), else of `dataset_name` (the `alignment` split that
+            `trl-u2a prepare-data` writes).
         synthetic_seed (`int`, *optional*, defaults to `0`):
             Seed of the built-in synthetic task (`dataset_name=trl-u2a/synthetic`).
     """
@@ -48,13 +53,19 @@ class U2AScriptArguments(ScriptArguments):
     alignment_dataset_config: str | None = field(
         default=None, metadata={"help": "Configuration name of the alignment dataset."}
     )
-    alignment_split: str = field(default="alignment", metadata={"help": "Split of the alignment set."})
+    alignment_split: str = field(
+        default="alignment",
+        metadata={
+            "help": "Split of the alignment set, in --alignment_dataset_name when given (a single-split dataset such "
+            "as one .jsonl file uses its only split), else in --dataset_name."
+        },
+    )
     synthetic_seed: int = field(default=0, metadata={"help": "Seed of the built-in synthetic task."})
 
 
-def load_dataset_any(name: str, config: str | None = None, synthetic_seed: int = 0):
+def load_dataset_any(name: str, config: str | None = None, synthetic_seed: int = 0, flag: str = "--dataset_name"):
     """A `DatasetDict` from a hub id, a local data file (.json/.jsonl/.csv/.parquet), a `save_to_disk` directory, or
-    the built-in synthetic task."""
+    the built-in synthetic task. A hub id that cannot be reached fails in seconds, in one line (`flag` names it)."""
     from datasets import DatasetDict, load_dataset, load_from_disk
 
     if name == SYNTHETIC_DATASET:
@@ -70,7 +81,9 @@ def load_dataset_any(name: str, config: str | None = None, synthetic_seed: int =
     if os.path.isfile(name) and extension in ("json", "jsonl", "csv", "parquet"):
         builder = "json" if extension == "jsonl" else extension
         return load_dataset(builder, data_files={"train": name})
-    return load_dataset(name, name=config)
+    from trl_u2a.prepare_data import load_hub_dataset
+
+    return load_hub_dataset(name, flag, name=config)
 
 
 def resolve_model(name_or_path: str, output_dir: str) -> str:
@@ -114,7 +127,12 @@ def main(script_args, training_args, model_args):
             f"it has {sorted(dataset)}."
         )
     if script_args.alignment_dataset_name:
-        alignment = load_dataset_any(script_args.alignment_dataset_name, script_args.alignment_dataset_config)
+        alignment = load_dataset_any(
+            script_args.alignment_dataset_name, script_args.alignment_dataset_config, flag="--alignment_dataset_name"
+        )
+        if script_args.alignment_split not in alignment and len(alignment) == 1:
+            # A single data file loads as one split named "train": that split is the alignment set
+            alignment = {script_args.alignment_split: next(iter(alignment.values()))}
         if script_args.alignment_split not in alignment:
             raise ValueError(
                 f"--alignment_split={script_args.alignment_split!r} is not a split of "
@@ -149,21 +167,112 @@ def main(script_args, training_args, model_args):
     return trainer
 
 
+class UnknownOptionError(ValueError):
+    """A YAML key or command-line flag that no argument of `trl-u2a train` has (a typo, most often)."""
+
+
+class U2AParser(TrlParser):
+    """`TrlParser` whose unknown YAML keys and flags get one line naming them and the closest valid name, instead of
+    `HfArgumentParser`'s message to developers ("... add them to the dataclass, or set fail_with_unknown_args=False").
+    """
+
+    def parse_args_and_config(self, args=None, return_remaining_strings=False, fail_with_unknown_args=True, **kwargs):
+        args = list(sys.argv[1:] if args is None else args)
+        if fail_with_unknown_args and not return_remaining_strings:
+            # Before the parent parses: it builds the dataclasses first, whose own checks (e.g. bf16 on a CPU machine)
+            # would then hide the typo behind an unrelated error
+            problems = self.unknown_names(args)
+            if problems:
+                raise UnknownOptionError(f"{'; '.join(problems)}. Run `{self.prog} --help` for the options.")
+        return super().parse_args_and_config(args, return_remaining_strings, fail_with_unknown_args, **kwargs)
+
+    def unknown_names(self, args: list[str]) -> list[str]:
+        """One phrase per YAML key of `--config FILE` and per `--flag` of `args` that no argument has."""
+        import yaml
+
+        flags = {s[2:] for s in self._option_string_actions if s.startswith("--")}
+        problems = []
+        if "--config" in args[:-1]:
+            path = args[args.index("--config") + 1]
+            with open(path) as f:
+                config = yaml.safe_load(f)
+            if isinstance(config, dict):  # anything else gets TrlParser's own error
+                dests = {a.dest for a in self._actions if a.option_strings} | {"env"}
+                unknown = [str(key) for key in config if key not in dests]
+                problems += [f"{path}: unknown key " + _hint(key, dests, "'{}'") for key in unknown]
+        for arg in args:
+            name = arg[2:].split("=", 1)[0]
+            # argparse accepts an unambiguous prefix of a long option too
+            known = name in flags or sum(f.startswith(name) for f in flags) == 1
+            if arg.startswith("--") and name not in ("", "config") and not known:
+                problems.append(f"unknown option {_hint(name, flags, '--{}')}")
+        return problems
+
+
+def _hint(name: str, valid: set[str], show: str) -> str:
+    """`show`-formatted `name`, with the closest valid name: "--buget (did you mean --budget?)"."""
+    close = difflib.get_close_matches(name, sorted(valid - {"help"}), n=1, cutoff=0.6)
+    return show.format(name) + (f" (did you mean {show.format(close[0])}?)" if close else "")
+
+
 def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
-    from trl import ModelConfig, TrlParser
+    from trl import ModelConfig
 
     from trl_u2a import U2AConfig
 
     dataclass_types = (U2AScriptArguments, U2AConfig, ModelConfig)
     if subparsers is not None:
         return subparsers.add_parser("train", help="Train with U2A", dataclass_types=dataclass_types)
-    return TrlParser(dataclass_types, prog=prog)
+    return U2AParser(dataclass_types, prog=prog)
+
+
+def interrupt_message(output_dir: str, argv: list[str], world_size: int = 1) -> str:
+    """What to tell a user who pressed Ctrl-C: the last complete checkpoint and the command that resumes from it."""
+    from trl_u2a.trainer import last_complete_checkpoint
+
+    checkpoint = last_complete_checkpoint(output_dir)
+    if checkpoint is None:
+        return (
+            f"trl-u2a train: interrupted before any complete checkpoint was saved in {output_dir}; rerunning the same "
+            "command starts from scratch (set --save_strategy steps --save_steps N to be able to resume)."
+        )
+    # The same arguments with the resume flag replaced (both `--flag value` and `--flag=value` forms)
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume_from_checkpoint":
+            skip = True
+        elif not arg.startswith("--resume_from_checkpoint="):
+            kept.append(arg)
+    launcher = "trl-u2a train"
+    if world_size > 1:
+        launcher = "accelerate launch <the same launch options> -m trl_u2a.scripts.u2a"
+    command = " ".join([launcher, *map(shlex.quote, kept), "--resume_from_checkpoint", shlex.quote(checkpoint)])
+    return (
+        f"trl-u2a train: interrupted. The last complete checkpoint is {checkpoint}. Resume from it with:\n  {command}"
+    )
 
 
 def cli(argv: list[str] | None = None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser(prog="trl-u2a train")
-    script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
-    return main(script_args, training_args, model_args)
+    try:
+        script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
+    except UnknownOptionError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    from trl_u2a.prepare_data import HubUnreachableError
+
+    try:
+        return main(script_args, training_args, model_args)
+    except HubUnreachableError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except KeyboardInterrupt:
+        # Every rank gets the Ctrl-C; one message is enough
+        if os.environ.get("RANK", "0") == "0":
+            world_size = int(os.environ.get("WORLD_SIZE", "1"))
+            print(interrupt_message(training_args.output_dir, argv, world_size), file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
