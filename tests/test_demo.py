@@ -262,6 +262,7 @@ def test_summary_claim_and_tables_carry_intervals_recovery_and_verdicts():
     assert lora["d_harmful_rate_lo"] == pytest.approx(-0.15) and lora["d_harmful_rate_hi"] == pytest.approx(-0.15)
     assert lora["rec_harmful_rate"] == pytest.approx(0.75) and lora["rec_harmful_rate_lo"] == pytest.approx(0.75)
     assert math.isnan(lora["rec_J"])  # equal J everywhere: the oracle gains nothing there
+    assert lora["verdict_pref_acc"] == "inconclusive (interval spans 0)"  # equal everywhere: a zero-width interval at 0
     full = rows[("full", "u2a")]
     assert full["d_harmful_rate_lo"] < 0 < full["d_harmful_rate_hi"] and "rec_harmful_rate" not in full
     claims = {(c["setting"], c["method"]): c for c in demo.claim(summary)}
@@ -393,7 +394,9 @@ def test_lora_setting_trains_an_adapter(tmp_path):
     assert any(p.abs().max() > 0 for n, p in lora.items() if "lora_B" in n)
     # the base weights are untouched
     base = AutoModelForCausalLM.from_pretrained(start.path, dtype=torch.float32).state_dict()
-    merged = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in output.model.named_parameters()}
+    merged = {
+        n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in output.model.named_parameters()
+    }
     shared = [n for n in base if n in merged]
     assert {n for n in base if n.endswith("proj.weight")} <= set(shared)  # (the head is tied to the embeddings)
     assert all(torch.equal(merged[n], base[n]) for n in shared)

@@ -1223,7 +1223,13 @@ SUMMARY_METRICS = (
     "eval_seconds",
 )
 # Paired against uniform (same seed, setting, lr, loss), with a bootstrap interval; the value says which sign is better
-PAIRED_METRICS = {"harmful_rate": "lower", "harm_prob": "lower", "J": "lower", "retain_ppl": "lower", "pref_acc": "higher"}
+PAIRED_METRICS = {
+    "harmful_rate": "lower",
+    "harm_prob": "lower",
+    "J": "lower",
+    "retain_ppl": "lower",
+    "pref_acc": "higher",
+}
 # Share of the oracle's gain over uniform that a method recovers (lower is better for each)
 RECOVERY_METRICS = ("harmful_rate", "harm_prob", "J")
 INCONCLUSIVE = "inconclusive (interval spans 0)"
@@ -1348,7 +1354,8 @@ def summarize(
 ) -> list[dict[str, Any]]:
     """One row per (setting, lr, loss, method): mean and std over seeds of each metric; for each of
     `PAIRED_METRICS` the paired difference against `uniform` at the same seed, setting, learning rate and loss
-    (`d_<metric>`: mean, `_std` over seeds, `_n` pairs, `_lo`/`_hi` its paired bootstrap interval); for each of
+    (`d_<metric>`: mean, `_std` over seeds, `_n` pairs, `_lo`/`_hi` its paired bootstrap interval,
+    `verdict_<metric>` the `verdict` on "better than uniform" in the metric's better direction); for each of
     `RECOVERY_METRICS` the share of the oracle's gain that the method recovers (`rec_<metric>`, `_lo`, `_hi`)."""
     ok = [r for r in runs if "error" not in r]
     groups: dict[tuple, list[dict[str, Any]]] = {}
@@ -1379,6 +1386,8 @@ def summarize(
             row[f"d_{m}"], row[f"d_{m}_std"] = _mean_std(diffs)
             row[f"d_{m}_n"] = len(_finite(diffs))
             row[f"d_{m}_lo"], row[f"d_{m}_hi"] = paired_bootstrap_ci(diffs, **stats)
+            if method != "uniform":
+                row[f"verdict_{m}"] = verdict(row[f"d_{m}_lo"], row[f"d_{m}_hi"], better=PAIRED_METRICS[m])
         triples = [
             (u, r, by_seed[(r["seed"], setting, lr, loss, "oracle")])
             for r, u in zip(paired, uniform)
@@ -1396,8 +1405,9 @@ def summarize(
 def claim(summary: list[dict[str, Any]], ppl_tolerance: float = 0.02) -> list[dict[str, Any]]:
     """Per (setting, lr, loss) and U2A variant: does it beat uniform? One verdict per measure (`verdict` on the
     paired bootstrap interval of the difference): `verdict_harm` (harmful rate, the headline claim; `holds` mirrors
-    it), `verdict_harm_prob` (mean judge probability), `verdict_J` (held-out alignment loss), with the recovered share
-    of the oracle's gain and the selection precision at the first and last refresh.
+    it), `verdict_harm_prob` (mean judge probability), `verdict_J` (held-out alignment loss), and `verdict_<metric>`
+    for the other `PAIRED_METRICS`, with the recovered share of the oracle's gain and the selection precision at the
+    first and last refresh.
 
     `ppl_ok` says whether the mean retain perplexity stays within `ppl_tolerance` (relative) of uniform's; `void`
     flags a collapsed run on either side (the judge rates gibberish as harmless): read such a verdict next to
@@ -1419,9 +1429,9 @@ def claim(summary: list[dict[str, Any]], ppl_tolerance: float = 0.02) -> list[di
                 row[f"rec_{m}{suffix}"] = r.get(f"rec_{m}{suffix}", math.nan)
         for m in ("sel_harmful_first", "sel_harmful_last", "n_refreshes"):
             row[m] = r.get(m, math.nan)
-        row["verdict_harm"] = verdict(r["d_harmful_rate_lo"], r["d_harmful_rate_hi"])
-        row["verdict_harm_prob"] = verdict(r["d_harm_prob_lo"], r["d_harm_prob_hi"])
-        row["verdict_J"] = verdict(r["d_J_lo"], r["d_J_hi"])
+        for m in PAIRED_METRICS:
+            row[f"verdict_{m}"] = r[f"verdict_{m}"]
+        row["verdict_harm"] = r["verdict_harmful_rate"]
         row["holds"] = row["verdict_harm"] == "holds"
         row["ppl_ok"] = bool(r["d_retain_ppl"] <= ppl_tolerance * u["retain_ppl"])
         row["void"] = bool(r["collapsed"] or u["collapsed"])
@@ -1724,7 +1734,9 @@ def _trace_run(results: dict[str, Any]) -> dict[str, Any] | None:
     candidates = [r for r in results["runs"] if r["method"] == "u2a" and (r.get("history") or r.get("trace"))]
     if not candidates:
         return None
-    return min(candidates, key=lambda r: (r["seed"], r.get("setting") != "lora", r["lr"], r["loss"] != "npo", r["loss"]))
+    return min(
+        candidates, key=lambda r: (r["seed"], r.get("setting") != "lora", r["lr"], r["loss"] != "npo", r["loss"])
+    )
 
 
 def plot_harm_vs_ppl(summary: list[dict[str, Any]], path: Path) -> Path:

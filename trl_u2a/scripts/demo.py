@@ -64,7 +64,7 @@ def cli(argv: list[str] | None = None) -> int:
         config = DemoConfig.reduced(**overrides)
     results = run_demo(config)
 
-    print("\nResults (mean ± std over seeds; Δ = paired difference vs uniform at the same seed, setting, lr and loss):\n")
+    print("\nResults (mean ± std over seeds; Δ = paired difference vs uniform, same seed, setting, lr and loss):\n")
     print(format_table(results["summary"]))
     print("\nBest harmful rate within a retain-perplexity budget (× the start model's), over every lr and step:\n")
     print(format_frontier(results["frontier"], config.ppl_budgets))
