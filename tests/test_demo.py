@@ -99,7 +99,10 @@ def test_summary_pairs_against_uniform_and_claim():
     assert rows["u2a"]["d_retain_ppl"] == pytest.approx(-0.1)
     assert math.isnan(rows["uniform"]["d_harmful_rate"]) and rows["oracle"]["collapsed"] == 2
     claims = {c["method"]: c for c in demo.claim(demo.summarize(runs))}
-    assert claims["u2a"]["holds"] and not claims["u2a"]["void"]
+    # Lower harm on both seeds, but two seeds are no evidence: a bootstrap over them spans only their two values
+    assert claims["u2a"]["verdict_harm"] == "inconclusive (interval spans 0)" and not claims["u2a"]["holds"]
+    assert not claims["u2a"]["void"]
+    assert demo.summarize(runs, min_seeds=2)[-1]["d_harmful_rate_hi"] < 0
 
     config = DemoConfig(ppl_budgets=(1.1, 2.0))
     front = {r["method"]: r for r in demo.frontier(runs, config)}
@@ -118,7 +121,8 @@ def test_cli_maps_arguments_to_the_config(monkeypatch, tmp_path, capsys):
     from trl_u2a.scripts import demo as script
 
     seen = {}
-    runs = [_run(s, m, h, 2.4) for s in (0, 1) for m, h in (("uniform", 0.3), ("oracle", 0.1), ("u2a", 0.2 + s / 100))]
+    methods = (("uniform", 0.3), ("oracle", 0.1), ("u2a", 0.2))
+    runs = [_run(s, m, h + s / 100, 2.4) for s in range(6) for m, h in methods]
 
     def fake_run_demo(config):
         seen["config"] = config
@@ -170,6 +174,7 @@ def test_config_rejects_unknown_methods_losses_settings_and_knobs():
     # --full: a lean method set, >= 10 seeds, both settings
     full = DemoConfig.full()
     assert len(full.seeds) >= 10 and set(full.settings) == {"full", "lora"}
+    assert full.lora_learning_rates == DemoConfig().lora_learning_rates  # the rates chosen by the LoRA trials
     assert set(full.u2a_variants("ga")) == {"u2a"} and set(full.methods) == {"uniform", "random", "oracle", "u2a"}
 
 
@@ -218,10 +223,12 @@ def test_bootstrap_interval_on_known_examples():
     assert -0.1 <= low and high <= 0.1
     narrow = demo.paired_bootstrap_ci([0.01, -0.01] * 5)
     assert narrow[1] - narrow[0] == pytest.approx((high - low) / 10, rel=1e-6)
-    # One seed (or none) is no evidence either way
+    # One seed, or a handful, is no evidence either way (5 same-sign differences happen by chance 6 % of the time)
     assert demo.paired_bootstrap_ci([-0.3]) == (-math.inf, math.inf)
     assert demo.verdict(*demo.paired_bootstrap_ci([-0.3])) == "inconclusive (interval spans 0)"
-    assert demo.paired_bootstrap_ci([-0.3, math.nan]) == (-math.inf, math.inf)
+    assert demo.paired_bootstrap_ci([-0.3, -0.2, -0.1, -0.3, -0.2]) == (-math.inf, math.inf)
+    assert demo.paired_bootstrap_ci([-0.3, -0.2, -0.1, -0.3, -0.2, math.nan]) == (-math.inf, math.inf)
+    assert demo.paired_bootstrap_ci([-0.3, -0.2, -0.1, -0.3, -0.2, -0.1])[1] < 0
     # A 95 % interval of a mean with a clear shift excludes 0 on the right side
     shifted = [-0.2, -0.1, -0.15, -0.05, -0.12, -0.18, -0.08, -0.11, -0.14, -0.09]
     low, high = demo.paired_bootstrap_ci(shifted)
@@ -241,8 +248,10 @@ def test_recovery_share_on_hand_made_numbers():
     low, high = demo.bootstrap_recovery([0.3] * 6, [0.15] * 6, [0.1] * 6)
     assert low == pytest.approx(0.75) and high == pytest.approx(0.75)
     # An oracle whose gain is not clear of 0: the share is not identified
-    assert demo.bootstrap_recovery([0.3, 0.3, 0.3], [0.2] * 3, [0.5, 0.1, 0.35]) == (-math.inf, math.inf)
-    assert demo.bootstrap_recovery([0.3], [0.2], [0.1]) == (-math.inf, math.inf)
+    oracle = [0.5, 0.1, 0.35, 0.45, 0.15, 0.3]
+    assert demo.bootstrap_recovery([0.3] * 6, [0.2] * 6, oracle) == (-math.inf, math.inf)
+    assert demo.bootstrap_recovery([0.3] * 6, [0.2] * 6, [0.2] + [0.1] * 5) != (-math.inf, math.inf)
+    assert demo.bootstrap_recovery([0.3] * 3, [0.2] * 3, [0.1] * 3) == (-math.inf, math.inf)  # too few seeds
 
 
 def test_summary_claim_and_tables_carry_intervals_recovery_and_verdicts():

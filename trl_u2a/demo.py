@@ -133,7 +133,8 @@ class DemoConfig:
     collapse_ppl_ratio: float = 3.0
     eval_steps: int | None = 10
     ppl_budgets: tuple[float, ...] = (1.1, 1.25, 1.5)
-    # Statistics: paired bootstrap over seeds
+    # Statistics: paired bootstrap over seeds; fewer than `min_seeds` pairs give no interval (see `paired_bootstrap_ci`)
+    min_seeds: int = 6
     bootstrap_resamples: int = 10_000
     bootstrap_seed: int = 0
     confidence: float = 0.95
@@ -160,15 +161,16 @@ class DemoConfig:
         """The docs/results.md comparison, sized for power: 10 seeds, both settings, one learning rate each, a lean
         method set (uniform, random, oracle, u2a for ga, npo and simnpo; no DPO, no variants).
 
-        Estimate from the per-run times measured on the reduced config (2 shared CPU cores): per seed and loss, three
-        baselines and U2A in full fine-tuning (3 × 4.4 s + 6.4 s) and in LoRA (3 × 5.8 s + 7.3 s), 44 s; × 3 losses
-        + a 22 s start model + 3 s of evaluator set-up ≈ 158 s per seed, so 240 runs in about 26 min for 10 seeds
-        (about 21 min of CPU). Heavier load on the shared cores stretches the wall time (up to about 35 min at load 4).
+        Estimate from measured run times (2 shared CPU cores, one thread): a two-seed slice of this config (48 runs)
+        took 4 min 4 s wall and 4 min 0 s of CPU, 122 s per seed (start model included) at load about 2; the reduced
+        config's per-run times at load 2-4 (full fine-tuning: 4.4 s a baseline, 6.4 s U2A; LoRA: 5.8 s / 7.3 s) give
+        158 s per seed. So 240 runs take about 20-26 min for 10 seeds; heavier load on the shared cores stretches
+        the wall time further.
         """
         settings = dict(
             seeds=tuple(range(10)),
             learning_rates=(1e-4,),
-            lora_learning_rates=(1e-3,),
+            lora_learning_rates=(3e-4,),
             methods=("u2a", "uniform", "random", "oracle"),
             preconditioners=(),
         )
@@ -1169,6 +1171,7 @@ def _run_demo(config: DemoConfig) -> dict[str, Any]:
         resamples=config.bootstrap_resamples,
         confidence=config.confidence,
         seed=config.bootstrap_seed,
+        min_seeds=config.min_seeds,
     )
     results["frontier"] = frontier(results["runs"], config)
     results["claim"] = claim(results["summary"])
@@ -1233,6 +1236,9 @@ PAIRED_METRICS = {
 # Share of the oracle's gain over uniform that a method recovers (lower is better for each)
 RECOVERY_METRICS = ("harmful_rate", "harm_prob", "J")
 INCONCLUSIVE = "inconclusive (interval spans 0)"
+# A percentile bootstrap over n seeds excludes 0 whenever all n differences share a sign, which pure noise does with
+# probability 2^(1-n): 50 % for 2 seeds, 6 % for 5, 3 % for 6. Below 6 seeds the interval is left unbounded.
+MIN_SEEDS = 6
 _METHOD_ORDER = ("uniform", "random", "oracle", "u2a", "u2a-select", "u2a-fisher")
 
 
@@ -1253,7 +1259,11 @@ def _resample_indices(n: int, resamples: int, seed: int):
 
 
 def paired_bootstrap_ci(
-    diffs: Sequence[float], resamples: int = 10_000, confidence: float = 0.95, seed: int = 0
+    diffs: Sequence[float],
+    resamples: int = 10_000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    min_pairs: int = MIN_SEEDS,
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of paired differences (one per seed), resampling the seeds.
 
@@ -1263,15 +1273,17 @@ def paired_bootstrap_ci(
         resamples: bootstrap resamples.
         confidence: coverage of the interval (0.95: the 2.5 % and 97.5 % percentiles of the resampled means).
         seed: seed of the resampling generator, fixed so that a rerun reproduces the interval.
+        min_pairs: fewest differences that get a bounded interval (at least 2).
 
     Returns:
-        `(low, high)`. With fewer than two differences there is no estimate of the spread, so the interval is
-        `(-inf, inf)`: one seed never reads as evidence either way.
+        `(low, high)`. With fewer than `min_pairs` differences the interval is `(-inf, inf)`: one seed has no spread
+        at all, and over a handful of seeds the percentile bootstrap excludes 0 whenever the differences share a sign
+        (chance 2^(1-n) under pure noise, see `MIN_SEEDS`), so few seeds never read as evidence either way.
     """
     import numpy as np
 
     values = np.asarray(_finite(diffs), dtype=np.float64)
-    if len(values) < 2:
+    if len(values) < max(2, min_pairs):
         return -math.inf, math.inf
     means = values[_resample_indices(len(values), resamples, seed)].mean(axis=1)
     alpha = 1.0 - confidence
@@ -1299,12 +1311,13 @@ def bootstrap_recovery(
     resamples: int = 10_000,
     confidence: float = 0.95,
     seed: int = 0,
+    min_pairs: int = MIN_SEEDS,
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of `recovery_share`, resampling the seeds (the triples stay paired).
 
     Resamples in which the oracle gains nothing have no share and are dropped; when they are more than half of
     `1 - confidence` of all resamples the share is not identified and the interval is `(-inf, inf)`, as it is with
-    fewer than two seeds.
+    fewer than `min_pairs` seeds (see `paired_bootstrap_ci`).
     """
     import numpy as np
 
@@ -1313,7 +1326,7 @@ def bootstrap_recovery(
         for u, m, o in zip(uniform, method, oracle)
         if all(v is not None and math.isfinite(v) for v in (u, m, o))
     ]
-    if len(triples) < 2:
+    if len(triples) < max(2, min_pairs):
         return -math.inf, math.inf
     u, m, o = (np.asarray(col, dtype=np.float64) for col in zip(*triples))
     idx = _resample_indices(len(triples), resamples, seed)
@@ -1351,6 +1364,7 @@ def summarize(
     resamples: int = 10_000,
     confidence: float = 0.95,
     seed: int = 0,
+    min_seeds: int = MIN_SEEDS,
 ) -> list[dict[str, Any]]:
     """One row per (setting, lr, loss, method): mean and std over seeds of each metric; for each of
     `PAIRED_METRICS` the paired difference against `uniform` at the same seed, setting, learning rate and loss
@@ -1362,7 +1376,7 @@ def summarize(
     for r in ok:
         groups.setdefault((*_group_key(r), r["method"]), []).append(r)
     by_seed = {(r["seed"], *_group_key(r), r["method"]): r for r in ok}
-    stats = dict(resamples=resamples, confidence=confidence, seed=seed)
+    stats = dict(resamples=resamples, confidence=confidence, seed=seed, min_pairs=min_seeds)
     rows = []
     if start:
         row = {"setting": "-", "lr": None, "loss": "-", "method": "start", "n": len(start), "collapsed": 0}
@@ -1474,7 +1488,12 @@ def frontier(runs: list[dict[str, Any]], config: DemoConfig) -> list[dict[str, A
     methods = sorted(
         {k[1:] for k in best}, key=lambda m: (settings_order.get(m[0], 9), m[1] == "dpo", m[1], _method_key(m[2]))
     )
-    stats = dict(resamples=config.bootstrap_resamples, confidence=config.confidence, seed=config.bootstrap_seed)
+    stats = dict(
+        resamples=config.bootstrap_resamples,
+        confidence=config.confidence,
+        seed=config.bootstrap_seed,
+        min_pairs=config.min_seeds,
+    )
     for setting, loss, method in methods:
         seeds = sorted(k[0] for k in best if k[1:] == (setting, loss, method))
         row: dict[str, Any] = {"setting": setting, "loss": loss, "method": method, "n": len(seeds)}
@@ -1586,7 +1605,7 @@ TABLE_COLUMNS = (
 DELTA_LEGEND = (
     "Δx [95% CI]: paired difference x(method) - x(uniform) at the same seed, setting, learning rate and loss, mean "
     "over seeds [95 % paired bootstrap interval: seeds resampled 10,000 times by default, fixed generator seed]; "
-    "±∞ = fewer than two seeds."
+    f"±∞ = fewer than {MIN_SEEDS} seeds (by default; too few for a bootstrap interval to mean 95 %)."
 )
 
 
@@ -1623,7 +1642,7 @@ EVIDENCE_LEGEND = (
     "Δharmful / Δharm p / ΔJ: paired difference U2A - uniform (same seed, setting, lr, loss), mean [95 % paired "
     "bootstrap interval over seeds]; lower is better.",
     'verdict: the claim "U2A beats uniform" on that measure: holds (interval below 0), does not hold (above 0), '
-    "inconclusive (interval spans 0; always so with one seed).",
+    f"inconclusive (interval spans 0; always so with fewer than {MIN_SEEDS} seeds by default).",
     "rec. x: share of the oracle's gain over uniform that U2A recovers, (uniform - U2A) / (uniform - oracle) on the "
     "means over seeds, in % [95 % bootstrap interval]; 100 % = as good as the oracle, 0 % = no better than uniform; "
     "– when the oracle gains nothing, ±∞ when the oracle's gain itself is not clear of 0.",
