@@ -187,13 +187,16 @@ def test_u2a_runs_at_the_package_defaults():
     config = DemoConfig()
     for name in ("budget", "reweight_steps", "pool_size", "weight_lr", "preconditioner", "beta_pa"):
         assert config.u2a_value(name) == defaults[name]
+    # A run's arguments equal a U2AConfig built without any knob (whatever its __post_init__ resolves a None to)
     args = demo._u2a_args(config, "unused", 0, "npo", 1e-4, weight_lr=0.0)
-    for name in ("budget", "reweight_steps", "pool_size", "score_clip", "max_weight", "preconditioner"):
-        assert getattr(args, name) == defaults[name], name
+    bare = demo._unlearning_run_args(U2AConfig, config, "unused", 1e-4, 0, loss_type="npo")
+    for name in ("budget", "reweight_steps", "pool_size", "pa_samples", "score_clip", "max_weight", "preconditioner"):
+        assert getattr(args, name) == getattr(bare, name), name
     assert args.weight_lr == 0.0  # the variant's override
-    assert demo._u2a_args(DemoConfig(u2a_overrides={"budget": 0.5}), "unused", 0, "npo", 1e-4).budget == 0.5
-    # The random baseline draws as many negatives as U2A's budget selects
-    assert DemoConfig(u2a_overrides={"budget": 0.5}).u2a_value("budget") == 0.5
+    assert not args.save_refresh_plots  # the one harness setting: the demo draws its own plots
+    overridden = DemoConfig(u2a_overrides={"budget": 0.5, "reweight_steps": 7})
+    args = demo._u2a_args(overridden, "unused", 0, "npo", 1e-4, budget=0.1)
+    assert (args.budget, args.reweight_steps) == (0.1, 7)  # the variant beats the config-wide override
 
 
 def test_plan_runs_covers_both_settings_with_their_learning_rates():
