@@ -161,11 +161,10 @@ class DemoConfig:
         """The docs/results.md comparison, sized for power: 10 seeds, both settings, one learning rate each, a lean
         method set (uniform, random, oracle, u2a for ga, npo and simnpo; no DPO, no variants).
 
-        Estimate from measured run times (2 shared CPU cores, one thread): a two-seed slice of this config (48 runs)
-        took 4 min 4 s wall and 4 min 0 s of CPU, 122 s per seed (start model included) at load about 2; the reduced
-        config's per-run times at load 2-4 (full fine-tuning: 4.4 s a baseline, 6.4 s U2A; LoRA: 5.8 s / 7.3 s) give
-        158 s per seed. So 240 runs take about 20-26 min for 10 seeds; heavier load on the shared cores stretches
-        the wall time further.
+        Estimate from measured run times (2 shared CPU cores, one thread): a two-seed slice of this config (48 runs,
+        start models cached) took 4 min 30 s wall and 4 min 0 s of CPU at load 2-3, 5.2 s a run; a start model takes
+        about 22 s more per seed when not cached. So about 155 s per seed: 240 runs in about 26 min for 10 seeds from a
+        cold cache (about 22 min warm); heavier load on the shared cores stretches the wall time further.
         """
         settings = dict(
             seeds=tuple(range(10)),
