@@ -100,7 +100,7 @@ class DemoConfig:
     settings: tuple[str, ...] = SETTINGS
     learning_rates: tuple[float, ...] = (1e-4,)
     # Measured on seed 0 (uniform/oracle/u2a, 30 steps): 2e-4 barely moves harm or J, 3e-4 moves both with retain
-    # ppl ≤ 1.1× the start's and ≤ 8 % degenerate answers, 5e-4 costs 1.5× ppl and up to 37 % degenerate answers,
+    # ppl ≤ 1.12× the start's and ≤ 8 % degenerate answers, 5e-4 costs up to 1.8× ppl and 37 % degenerate answers,
     # 1e-3 and above collapse every method. Here LoRA needs about 3-5× the full fine-tuning rate, not 10×: the rank
     # (8) is an eighth of the width (64) and lora_alpha / r = 2.
     lora_learning_rates: tuple[float, ...] = (3e-4,)
