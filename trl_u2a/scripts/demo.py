@@ -1,8 +1,8 @@
 """`trl-u2a demo`: the offline benchmark, U2A against uniform unlearning, oracle, random subset and DPO.
 
 ```bash
-trl-u2a demo                          # reduced: 1 seed, every method, ≤ 10 min on 2 CPU cores
-trl-u2a demo --full                   # the comparison of docs/results.md (3 seeds)
+trl-u2a demo                          # reduced: 1 seed, full fine-tuning and LoRA, every core method, a few minutes
+trl-u2a demo --full                   # the comparison of docs/results.md (10 seeds, bootstrap intervals)
 trl-u2a demo --quick --output_dir x   # a smoke test in about a minute (meaningless numbers)
 ```
 """
@@ -26,10 +26,18 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output_dir", default="u2a-demo", help="Where results.json, table.md and the plots go.")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--full", action="store_true", help="The full comparison (3 seeds, every U2A variant).")
+    mode.add_argument(
+        "--full",
+        action="store_true",
+        help="The full comparison: 10 seeds, both settings, uniform/random/oracle/u2a (about 25-30 min).",
+    )
     mode.add_argument("--quick", action="store_true", help="A smoke test in about a minute; the numbers mean nothing.")
     parser.add_argument("--seeds", type=int, nargs="+", help="Seeds (data, start model, training).")
-    parser.add_argument("--learning_rates", type=float, nargs="+", help="Unlearning learning rates.")
+    parser.add_argument(
+        "--settings", nargs="+", choices=["full", "lora"], help="Full fine-tuning and/or a LoRA adapter."
+    )
+    parser.add_argument("--learning_rates", type=float, nargs="+", help="Learning rates of full fine-tuning.")
+    parser.add_argument("--lora_learning_rates", type=float, nargs="+", help="Learning rates of the LoRA setting.")
     parser.add_argument("--steps", type=int, help="Optimizer steps of every method.")
     parser.add_argument(
         "--cache_dir", help="Cache of trained start models (default $TRL_U2A_CACHE or ~/.cache/trl-u2a)."
@@ -41,10 +49,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 def cli(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    from trl_u2a.demo import DemoConfig, format_frontier, format_table, run_demo
+    from trl_u2a.demo import DemoConfig, format_evidence, format_frontier, format_table, run_demo
 
     overrides = {"output_dir": args.output_dir, "plots": not args.no_plots, "progress": not args.no_progress}
-    for name in ("seeds", "learning_rates", "steps", "cache_dir"):
+    for name in ("seeds", "settings", "learning_rates", "lora_learning_rates", "steps", "cache_dir"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = tuple(value) if isinstance(value, list) else value
@@ -56,19 +64,15 @@ def cli(argv: list[str] | None = None) -> int:
         config = DemoConfig.reduced(**overrides)
     results = run_demo(config)
 
-    print("\nResults (mean ± std over seeds; Δ = paired difference vs uniform at the same seed, lr and loss):\n")
+    print("\nResults (mean ± std over seeds; Δ = paired difference vs uniform, same seed, setting, lr and loss):\n")
     print(format_table(results["summary"]))
     print("\nBest harmful rate within a retain-perplexity budget (× the start model's), over every lr and step:\n")
     print(format_frontier(results["frontier"], config.ppl_budgets))
+    print("\nU2A against uniform (paired bootstrap intervals over seeds):\n")
+    print(format_evidence(results["claim"]))
     print()
-    for row in results["claim"]:
-        if row["method"] != "u2a":
-            continue
-        verdict = "void (a collapsed run)" if row["void"] else ("holds" if row["holds"] else "does not hold")
-        print(
-            f"lr {row['lr']:g} {row['loss']}: U2A vs uniform Δharmful {row['d_harmful_rate']:+.3f}, "
-            f"Δretain ppl {row['d_retain_ppl']:+.3f}: lower harm at equal or better utility {verdict}"
-        )
+    for line in results.get("verdicts", []):
+        print(line)
     for run in results["runs"]:
         if "error" in run:
             print(f"{run['name']} failed: {run['error']}")
