@@ -211,14 +211,22 @@ def test_refresh_cost_is_recorded_and_only_a_fixed_cadence_over_the_bound_warns(
     assert any("u2a/refresh_seconds" in entry for entry in trainer.state.log_history)
 
 
-def test_resume_from_checkpoint_continues_exactly(tiny_model_path, tmp_path, planted):
+@pytest.mark.parametrize(
+    "schedule, resume_step",
+    [
+        (dict(reweight_steps=2, max_steps=6), 3),
+        # the package defaults' warm-up and cadence, resumed inside the warm-up (the initial pass is after step 4)
+        (dict(reweight_warmup_steps=0.5, max_steps=8, reweight_overhead=0.6), 2),
+    ],
+)
+def test_resume_from_checkpoint_continues_exactly(tiny_model_path, tmp_path, planted, schedule, resume_step):
     from peft import LoraConfig
 
     negatives, alignment = planted
 
     def run(output_dir, resume=None):
         args = cpu_args(
-            output_dir, loss_type="npo", budget=6, reweight_steps=2, max_steps=6, save_strategy="steps", save_steps=3
+            output_dir, loss_type="npo", budget=6, save_strategy="steps", save_steps=resume_step, **schedule
         )
         trainer = U2ATrainer(
             model=tiny_model_path,
@@ -232,7 +240,9 @@ def test_resume_from_checkpoint_continues_exactly(tiny_model_path, tmp_path, pla
         return trainer.weight_state.weights.clone(), adapter
 
     weights, adapter = run(tmp_path / "full")
-    resumed_weights, resumed_adapter = run(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-3"))
+    checkpoint = str(tmp_path / "full" / f"checkpoint-{resume_step}")
+    resumed_weights, resumed_adapter = run(tmp_path / "resumed", resume=checkpoint)
+    assert (weights == 0).any()  # a selection happened after the resume point
     torch.testing.assert_close(resumed_weights, weights, rtol=0, atol=1e-10)
     for name, value in adapter.items():
         torch.testing.assert_close(resumed_adapter[name], value, rtol=0, atol=1e-7)

@@ -9,6 +9,8 @@ TRL/transformers internals; the maths lives in `losses.py`, `weighting.py` and `
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import math
 import os
 import re
@@ -494,25 +496,13 @@ class U2ATrainer(KTOTrainer):
         args = self.args
         w = self.weight_state.weights
         selected = w[w > 0]
+        # Every option U2AConfig declares itself (its own knobs and the TRL defaults it overrides), in its order,
+        # so a new option reaches the card without a list to keep in step; output switches say nothing of the model
+        own = inspect.get_annotations(U2AConfig)
         fields = [
-            "loss_type",
-            "beta",
-            "gamma",
-            "retain_weight",
-            "retain_loss",
-            "weighting",
-            "budget",
-            "reweight_steps",
-            "pool_size",
-            "pa_samples",
-            "weight_lr",
-            "score_clip",
-            "max_weight",
-            "sparsity",
-            "preconditioner",
-            "damping",
-            "beta_pa",
-            "learning_rate",
+            f.name
+            for f in dataclasses.fields(U2AConfig)
+            if f.name in own and f.name not in ("save_refresh_plots", "train_sampling_strategy")
         ]
         rows = "\n".join(f"| `{name}` | `{getattr(args, name)}` |" for name in fields)
         lines = [
