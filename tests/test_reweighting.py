@@ -83,6 +83,8 @@ def test_selection_precision_weights_and_objective_on_planted_task(tiny_model_pa
 
 def test_trace_plots_and_logged_metrics(tiny_model_path, tmp_path, planted):
     negatives, alignment = planted
+    # The user's `id` column names each negative in the trace
+    negatives = negatives.add_column("id", [f"neg-{i}" for i in range(len(negatives))])
     trainer = U2ATrainer(
         model=tiny_model_path,
         args=cpu_args(tmp_path, loss_type="ga", budget=0.5, reweight_steps=2, max_steps=4),
@@ -93,7 +95,8 @@ def test_trace_plots_and_logged_metrics(tiny_model_path, tmp_path, planted):
     with open(tmp_path / "u2a_trace.jsonl") as f:
         rows = [json.loads(line) for line in f]
     assert {r["refresh"] for r in rows} == {0, 1}  # steps 0 and 2; none at the last step, whose weights go unused
-    assert {"example_id", "score", "weight", "step"} <= set(rows[0])
+    assert {"example_id", "score", "weight", "step", "id"} <= set(rows[0])
+    assert all(r["id"] == f"neg-{r['example_id']}" for r in rows)
     # At refresh 0 every negative was scored
     assert sorted(r["example_id"] for r in rows if r["refresh"] == 0) == list(range(12))
     for name in ("objective.png", "weights.png", "scores.png"):

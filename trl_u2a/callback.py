@@ -574,19 +574,18 @@ class U2ARefreshCallback(TrainerCallback):
         os.makedirs(trainer.args.output_dir, exist_ok=True)
         with open(os.path.join(trainer.args.output_dir, TRACE_FILE), "a") as f:
             score_of = dict(zip(ids.tolist(), scores.tolist()))
+            names = trainer.negative_names  # the user's `id` column, if the training data has one
             for i in sorted(set(score_of) | set(torch.nonzero(weights > 0).flatten().tolist())):
-                f.write(
-                    json.dumps(
-                        {
-                            "refresh": record["refresh"],
-                            "step": record["step"],
-                            "example_id": int(i),
-                            "score": score_of.get(i),
-                            "weight": float(weights[i]),
-                        }
-                    )
-                    + "\n"
-                )
+                row = {
+                    "refresh": record["refresh"],
+                    "step": record["step"],
+                    "example_id": int(i),
+                    "score": score_of.get(i),
+                    "weight": float(weights[i]),
+                }
+                if names is not None:
+                    row["id"] = names[i]
+                f.write(json.dumps(row) + "\n")
         with open(os.path.join(trainer.args.output_dir, REFRESH_FILE), "a") as f:
             f.write(json.dumps({k: v for k, v in record.items() if k not in ("weights", "last_scores")}) + "\n")
 
