@@ -29,6 +29,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as common
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -94,24 +97,18 @@ def run(model_path: str, splits, loss: str, seed: int, variant: str, args) -> di
     from trl_u2a import U2AConfig, U2ATrainer
 
     with tempfile.TemporaryDirectory() as out:
-        config = U2AConfig(
-            output_dir=out,
-            use_cpu=True,
-            bf16=False,
-            gradient_checkpointing=False,
-            report_to="none",
-            save_strategy="no",
-            per_device_train_batch_size=args.batch_size,
+        kwargs = common.training_kwargs(
+            out,
+            args.batch_size,
+            128,
             max_steps=args.steps,
             learning_rate=args.learning_rate,
             logging_steps=10,
-            max_length=128,
-            seed=seed,
-            disable_tqdm=True,
             save_refresh_plots=False,
             loss_type=loss,
             **VARIANTS[variant],
         )
+        config = U2AConfig(**{**kwargs, "seed": seed})
         trainer = U2ATrainer(
             model=model_path,
             args=config,
