@@ -14,6 +14,7 @@ def plot_refreshes(history: list[dict[str, Any]], out_dir: str, top: int = 20) -
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     os.makedirs(out_dir, exist_ok=True)
     paths = []
@@ -22,6 +23,7 @@ def plot_refreshes(history: list[dict[str, Any]], out_dir: str, top: int = 20) -
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(steps, [r["objective"] for r in history], marker="o")
     ax.set(xlabel="optimizer step", ylabel="alignment objective J (DPO loss)", title="J at each refresh")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and refreshes are counts: no 0.25 ticks
     ax.grid(alpha=0.3)
     paths.append(_save(fig, out_dir, "objective.png"))
 
@@ -37,6 +39,7 @@ def plot_refreshes(history: list[dict[str, Any]], out_dir: str, top: int = 20) -
             ylabel="weight ω (mean 1 over the selected)",
             title=f"Weights of the {len(heaviest)} heaviest negatives",
         )
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         paths.append(_save(fig, out_dir, "weights.png"))
 
@@ -50,6 +53,7 @@ def plot_refreshes(history: list[dict[str, Any]], out_dir: str, top: int = 20) -
                 ylabel="negatives",
                 title=f"Scores at refresh {with_weights[-1]['refresh']}",
             )
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
             paths.append(_save(fig, out_dir, "scores.png"))
     return paths
 
