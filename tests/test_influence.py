@@ -6,6 +6,7 @@ Everything runs on CPU with tiny models (hidden 32, 2 layers). Ghost scores must
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import warnings
@@ -641,6 +642,7 @@ def test_ddp_wrapped_model_single_process(lora_models, tokenizer, tmp_path):
     loss_fn = _loss_fn("ga")
     expected = inf.score_negatives_batch(model, batch, loss_fn, v)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    ddp = None
     try:
         ddp = nn.parallel.DistributedDataParallel(model)
         assert inf.unwrap_model(ddp) is model
@@ -649,6 +651,10 @@ def test_ddp_wrapped_model_single_process(lora_models, tokenizer, tmp_path):
         grads = inf.alignment_gradient(ddp, DPOObjective(), pairs, params)  # the all-reduce path, world size 1
         assert grads.num_pairs == len(PAIRS)
     finally:
+        # DDP's reducer holds the process group: freed after `destroy_process_group` (when the test's frame goes), its
+        # gloo destructor joined worker threads that never ended and hung the test session (seen twice)
+        del ddp
+        gc.collect()
         dist.destroy_process_group()
 
 
