@@ -206,6 +206,9 @@ def test_refresh_cost_is_recorded_and_only_a_fixed_cadence_over_the_bound_warns(
     warnings = [m for m in caplog.messages if "each refresh costs about 12 row passes" in m]
     assert len(warnings) == (1 if reweight_steps else 0)
     last = trainer.refresh_callback.history[-1]
+    with open(tmp_path / "u2a_refreshes.jsonl") as f:
+        written = json.loads(f.readlines()[-1])
+    assert last["final"] and written["reweight_share"] == last["reweight_share"]
     windows = len(history) * 1.0
     assert last["reweight_share"] == pytest.approx(0.5 * len(expected) / windows)
     # 0.5 s against (the windows' seconds per trained row: 4 rows a step) x the 12 candidates of the initial pass

@@ -151,11 +151,13 @@ class U2ARefreshCallback(TrainerCallback):
         if self.ghost is not None:
             self.ghost.detach()
             self.ghost = None
+        cost = self._report_cost()
         if self.history and self.history[-1]["step"] < state.global_step:
             # J after the last window, so that every refresh has its realised change (no scoring: weights are final)
-            final = self._objective(state.global_step)
+            final = self._objective(state.global_step, cost)
             self.trainer._metrics["train"]["u2a/objective"].append(final)
-        self._report_cost()
+        elif self.history:
+            self.history[-1].update(cost)
         if self.trainer.accelerator.is_main_process and self.history and args.save_refresh_plots:
             from .plots import plot_refreshes
 
@@ -318,16 +320,16 @@ class U2ARefreshCallback(TrainerCallback):
             )
         return fixed_steps(max_steps, args.reweight_steps, start=self.initial_step)
 
-    def _report_cost(self) -> None:
-        """Log, and keep in the last record, what reweighting cost: the initial pass as a multiple of one training pass
-        over its candidates, and the later refreshes as a share of the training time."""
+    def _report_cost(self) -> dict[str, float]:
+        """What reweighting cost, logged and returned for the last record: the initial pass as a multiple of one
+        training pass over its candidates, and the later refreshes as a share of the training time."""
         records = [r for r in self.history if r.get("refresh") is not None]
         if not records:
-            return
+            return {}
         windows = sum(r.get("window_seconds", 0.0) for r in records)
         trained_rows = records[-1]["step"] * self.rows_per_step
         if windows <= 0 or trained_rows <= 0:
-            return
+            return {}
         initial = records[0]
         seconds_per_row = windows / trained_rows
         cost = {
@@ -335,16 +337,17 @@ class U2ARefreshCallback(TrainerCallback):
             "initial_pass_multiple": initial["refresh_seconds"] / (seconds_per_row * max(1, initial["num_scored"])),
             "reweight_share": sum(r["refresh_seconds"] for r in records[1:]) / windows,
         }
-        self.history[-1].update(cost)
         logger.info(
             f"U2A reweighting cost: the initial pass {cost['initial_pass_seconds']:.1f} s "
             f"({cost['initial_pass_multiple']:.2f}x one training pass over its {initial['num_scored']} candidates); "
             f"the {len(records) - 1} later refreshes {cost['reweight_share']:.1%} of the training time.",
             main_process_only=True,
         )
+        return cost
 
-    def _objective(self, step: int) -> float:
-        """`J` of the current model on the alignment pairs (no gradient), recorded as the final point of `history`."""
+    def _objective(self, step: int, extra: dict[str, Any]) -> float:
+        """`J` of the current model on the alignment pairs (no gradient), recorded with `extra` as the final point of
+        `history`."""
         trainer, accelerator = self.trainer, self.trainer.accelerator
         model = accelerator.unwrap_model(trainer.model)
         generator = torch.Generator().manual_seed(mix_seed(trainer.args.seed, self.refresh_index))
@@ -359,7 +362,7 @@ class U2ARefreshCallback(TrainerCallback):
         previous["objective_next"] = value
         previous["realised_change"] = value - previous["objective"]
         previous["predicted_change"] = -self._lr_sum * previous.get("predicted_gain", 0.0)
-        self.history.append({"refresh": None, "step": step, "objective": value, "final": True})
+        self.history.append({"refresh": None, "step": step, "objective": value, "final": True, **extra})
         if accelerator.is_main_process:
             with open(os.path.join(trainer.args.output_dir, REFRESH_FILE), "a") as f:
                 f.write(json.dumps(self.history[-1]) + "\n")
