@@ -396,8 +396,9 @@ def print_overhead(case, res):
     for kind, r in res["trainers"].items():
         o = res["overhead"].get(kind)
         ov = (
-            f"{100 * o['train_cpu']:11.1f}% {100 * o['train_wall']:12.1f}%  initial pass {o['initial_pass_multiple']:.2f}x"
-            f", {o['reselections']} re-selections {100 * o['after_initial_share_cpu']:.1f}%"
+            f"{100 * o['train_cpu']:11.1f}% {100 * o['train_wall']:12.1f}%  initial pass "
+            f"{o['initial_pass_multiple']:.2f}x, {o['reselections']} re-selections "
+            f"{100 * o['after_initial_share_cpu']:.1f}%"
             if o
             else ""
         )

@@ -98,7 +98,7 @@ def test_ctrl_c_before_any_checkpoint_says_so(tmp_path, monkeypatch, capsys):
 
 
 def test_resume_true_without_a_checkpoint_says_what_to_do(tmp_path):
-    with pytest.raises(ValueError, match="holds no complete checkpoint .* Drop resume_from_checkpoint"):
+    with pytest.raises(ValueError, match=r"holds no complete checkpoint .* Drop resume_from_checkpoint"):
         cli([*SMALL, "--output_dir", str(tmp_path / "none"), "--resume_from_checkpoint", "last"])
 
 

@@ -1,4 +1,5 @@
-"""A checkout stays clean and its docs run anywhere: outputs git-ignored, one torch install command, no private paths."""
+"""A checkout stays clean and its docs run anywhere: outputs git-ignored, one torch install command, no private
+paths."""
 
 import glob
 import os

@@ -1,5 +1,7 @@
 """The overhead-bounded cadence (`trl_u2a.schedule`): pure arithmetic."""
 
+import itertools
+
 import pytest
 
 from trl_u2a.schedule import FIRST_RESELECTION_STEP, fixed_steps, refresh_rows, refresh_steps
@@ -12,7 +14,13 @@ def test_refresh_rows_counts_two_rows_per_pair():
 
 @pytest.mark.parametrize(
     "max_steps, rows_per_step, rows, overhead, start",
-    [(60, 8, 24, 0.15, 12), (60, 8, 24, 0.15, 0), (1000, 32, 96, 0.1, 200), (500, 64, 192, 0.15, 0), (40, 8, 83, 0.15, 8)],
+    [
+        (60, 8, 24, 0.15, 12),
+        (60, 8, 24, 0.15, 0),
+        (1000, 32, 96, 0.1, 200),
+        (500, 64, 192, 0.15, 0),
+        (40, 8, 83, 0.15, 8),
+    ],
 )
 def test_refreshes_fit_the_stated_overhead_and_come_early(max_steps, rows_per_step, rows, overhead, start):
     steps = refresh_steps(max_steps, rows_per_step, rows, overhead, start=start)
@@ -23,8 +31,8 @@ def test_refreshes_fit_the_stated_overhead_and_come_early(max_steps, rows_per_st
     # As many as the bound affords (up to distinct steps), and front-loaded: windows never shrink
     affordable = int(overhead * max_steps * rows_per_step // rows)
     assert len(steps) >= min(affordable, max_steps - start - FIRST_RESELECTION_STEP) - 2
-    windows = [b - a for a, b in zip([start, *steps], steps)]
-    assert all(later >= earlier for earlier, later in zip(windows[1:], windows[2:]))
+    windows = [b - a for a, b in itertools.pairwise([start, *steps])]
+    assert all(later >= earlier for earlier, later in itertools.pairwise(windows[1:]))
 
 
 def test_the_benchmark_setting_gets_three_reselections():

@@ -100,9 +100,7 @@ def test_every_batch_is_full(tiny_model_path, tmp_path, unpaired_dataset, retain
     and the draws cycle through the permutations of the active negatives (every one drawn once before any twice)."""
     weights = [1.0, 1.0, 1.0, 0.0, 1.0, 1.0] + [1.0] * 6
     dataset = unpaired_dataset.add_column("weight", weights)
-    trainer = _trainer(
-        tiny_model_path, tmp_path, dataset, loss_type="ga", max_steps=10, retain_weight=retain_weight
-    )
+    trainer = _trainer(tiny_model_path, tmp_path, dataset, loss_type="ga", max_steps=10, retain_weight=retain_weight)
     sizes, drawn = [], []
     for batch in trainer.get_train_dataloader():
         sizes.append(len(batch[NEGATIVE_ID]))

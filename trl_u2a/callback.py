@@ -38,6 +38,7 @@ from .influence import (
     PADDING,
     GhostDotProduct,
     compute_query,
+    gradient_second_moments,
     make_unlearning_loss_fn,
     resolve_tracking,
     score_dataset,
@@ -46,7 +47,6 @@ from .influence import (
 )
 from .modeling import move_batch, sequence_logps
 from .objectives import DPOObjective, as_objective, reference_logps
-from .influence import gradient_second_moments
 from .sampler import mix_seed
 from .schedule import fixed_steps, refresh_rows, refresh_steps
 from .weighting import refresh_weights
@@ -248,10 +248,10 @@ class U2ARefreshCallback(TrainerCallback):
             if info["n_selected"] == 0:
                 if self.refresh_index == 0:
                     raise ValueError(
-                        f"No negative has a positive influence score at the initial pass ({len(ids)} scored, mean |s| = "
-                        f"{info['score_scale']:.3g}): unlearning any of them is predicted to raise the alignment loss "
-                        "J. Check that alignment_dataset's rejected responses resemble the negatives, and that the "
-                        "start model is not untrained or memorised."
+                        f"No negative has a positive influence score at the initial pass ({len(ids)} scored, mean "
+                        f"|s| = {info['score_scale']:.3g}): unlearning any of them is predicted to raise the alignment "
+                        "loss J. Check that alignment_dataset's rejected responses resemble the negatives, and that "
+                        "the start model is not untrained or memorised."
                     )
                 # The brake of re-selection: nothing is predicted to help any more, so stop with the last weights
                 record["stopped"] = "no negative has a positive influence score any more"
@@ -427,7 +427,10 @@ class U2ARefreshCallback(TrainerCallback):
             local = u2a_data.padded_chunk(ids, accelerator.process_index, accelerator.num_processes)
             real = len(ids[accelerator.process_index * len(local) : (accelerator.process_index + 1) * len(local)])
             batch = _collated(
-                trainer.data_collator, trainer.train_dataset, trainer._negative_rows[local].tolist(), len(local),
+                trainer.data_collator,
+                trainer.train_dataset,
+                trainer._negative_rows[local].tolist(),
+                len(local),
                 _device(accelerator.unwrap_model(trainer.model)),
             )[0]
             batch[PADDING] = torch.arange(len(local), device=batch["input_ids"].device) >= real

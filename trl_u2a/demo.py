@@ -867,9 +867,7 @@ def lora_config(config: DemoConfig):
     """The LoRA adapter of the "lora" setting: rank `lora_r`, `lora_alpha`, every linear layer but the head."""
     from peft import LoraConfig
 
-    return LoraConfig(
-        r=config.lora_r, lora_alpha=config.lora_alpha, target_modules="all-linear", task_type="CAUSAL_LM"
-    )
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules="all-linear", task_type="CAUSAL_LM")
 
 
 def _peft_config(config: DemoConfig, setting: str):
@@ -1383,9 +1381,7 @@ def summarize(
             row[m], row[f"{m}_std"] = _mean_std([s.get(m, math.nan) for s in start.values()])
         rows.append(row)
     settings_order = {s: i for i, s in enumerate(SETTINGS)}
-    order = sorted(
-        groups, key=lambda g: (settings_order.get(g[0], 9), g[1], g[2] == "dpo", g[2], _method_key(g[3]))
-    )
+    order = sorted(groups, key=lambda g: (settings_order.get(g[0], 9), g[1], g[2] == "dpo", g[2], _method_key(g[3])))
     for setting, lr, loss, method in order:
         members = sorted(groups[(setting, lr, loss, method)], key=lambda r: r["seed"])
         row = {"setting": setting, "lr": lr, "loss": loss, "method": method, "n": len(members)}

@@ -90,7 +90,7 @@ def decode(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
         if not isinstance(value, dict):
             return value
         if len(value) == 1:
-            (tag, content), = value.items()
+            ((tag, content),) = value.items()
             if tag == "__tensor__":
                 if content not in tensors:
                     raise ValueError(
@@ -135,7 +135,9 @@ def load_state(directory: str) -> dict[str, Any]:
         with open(path) as f:
             payload = json.load(f)
     except ValueError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}): the save was interrupted or the file was edited.")
+        raise ValueError(
+            f"{path} is not valid JSON ({error}): the save was interrupted or the file was edited."
+        ) from None
     if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
         version = payload.get("format_version") if isinstance(payload, dict) else None
         raise ValueError(
@@ -148,7 +150,9 @@ def load_state(directory: str) -> dict[str, Any]:
     try:
         tensors = load_file(tensors_path)
     except Exception as error:  # safetensors raises its own error types for a malformed header
-        raise ValueError(f"{tensors_path} cannot be read ({error}): the file is truncated or not safetensors.")
+        raise ValueError(
+            f"{tensors_path} cannot be read ({error}): the file is truncated or not safetensors."
+        ) from None
     return decode(payload["state"], tensors)
 
 
@@ -173,4 +177,3 @@ def load_legacy_state(path: str) -> dict[str, Any]:
     if not isinstance(state, dict) or "weights" not in state:
         raise ValueError(f"{path} does not hold a U2A state (a dict with 'weights'); got {type(state).__name__}.")
     return state
-

@@ -640,9 +640,7 @@ def checkpoint_problem(path: str) -> str | None:
         return "it is not a directory"
     has_state = os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isfile(os.path.join(path, STATE_TENSORS))
     if not has_state and not os.path.isfile(os.path.join(path, LEGACY_STATE_FILE)):
-        return (
-            f"it has no {STATE_FILE} and {STATE_TENSORS} (not written by U2ATrainer, or the save was interrupted)"
-        )
+        return f"it has no {STATE_FILE} and {STATE_TENSORS} (not written by U2ATrainer, or the save was interrupted)"
     try:
         with open(os.path.join(path, "trainer_state.json")) as f:
             json.load(f)

@@ -12,8 +12,8 @@ One refresh, given the influence scores `s_i = ∇Jᵀ P⁻¹ ∇ℓ_i` of this 
    with their weight (no update: `z_i = 0`) and take their budget slots first. Selected examples that were never
    scored are dropped, and unselected examples that were not rescored are never revived from old scores.
 2. Selection. Keep the carried examples and the top-`(k − carried)` candidates among those with `s_i > 0` (ties:
-   lower index first); everything else gets `ω = 0`. New entrants start at the mean weight of the previously selected examples that stay
-   selected (1.0 if there are none).
+   lower index first); everything else gets `ω = 0`. New entrants start at the mean weight of the previously
+   selected examples that stay selected (1.0 if there are none).
 3. Tempered mirror ascent over the selected set `S` on the predicted gain `Σ ω_i s_i − ρ Σ √ω_i`:
    `z_i = clip((g_i − mean_S(g)) / std_S(g), −c, c)` with `g_i = s_i − ρ / (2 √ω_i)`, `ω_i ← ω_i exp(η_w z_i)`,
    renormalise to mean 1 over `S`, then cap at `max_weight` (× the mean, which is 1) by water-filling. `η_w = 0` is
@@ -300,8 +300,8 @@ def refresh_weights(
         `score_median`, `score_q75`, `score_max` (of the candidates), `score_scale` (mean `|s|` of the candidates:
         near 0 means the gradients vanished, e.g. memorised negatives), `score_std`, `entropy` and `effective_n`
         (`exp(entropy)`) of the new weights, `weight_max`, `weight_min` (over the selected), `fraction_clipped`,
-        and `predicted_gain = Σ ω_i s_i / Σ ω_i` over the new selection's candidates (this query's scores), the first-order decrease of `J` per unit
-        step of the weighted unlearning loss.
+        and `predicted_gain = Σ ω_i s_i / Σ ω_i` over the new selection's candidates (this query's scores), the
+        first-order decrease of `J` per unit step of the weighted unlearning loss.
 
     Raises:
         ValueError: for bad arguments, ids out of range or repeated, or NaN/infinite scores (naming how many and
