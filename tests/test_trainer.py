@@ -302,3 +302,26 @@ def test_saved_model_carries_a_u2a_model_card(tiny_model_path, tmp_path, prefere
     assert f"selected at the end: {selected} (budget 3)" in card
     assert "Weights of the selected negatives: min" in card and "alignment objective J" in card
     assert "@article{feng2025u2a" in card
+
+
+def test_a_launch_that_accelerate_runs_alone_is_refused(monkeypatch, caplog):
+    """`accelerate launch --num_processes 2` without `use_cpu` on a CPU machine: each rank sees WORLD_SIZE=2 but
+    accelerate runs it alone (DistributedType.NO). That used to train twice independently and exit 0; the check the
+    trainer runs after building its accelerator refuses it with the fix, and logs the world size otherwise."""
+    import types
+
+    from accelerate import PartialState
+
+    from trl_u2a.trainer import _check_process_count
+
+    PartialState()  # accelerate's logger needs its state, as in a trainer
+    alone = types.SimpleNamespace(
+        num_processes=1, device="cpu", state=types.SimpleNamespace(distributed_type="NO", mixed_precision="no")
+    )
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="one of 2 launched .* ACCELERATE_USE_CPU=true"):
+        _check_process_count(alone)
+    monkeypatch.delenv("WORLD_SIZE")
+    with caplog.at_level("INFO"):
+        _check_process_count(alone)
+    assert any("1 process(es), distributed type NO, mixed precision no" in m for m in caplog.messages)

@@ -478,7 +478,14 @@ class U2ARefreshCallback(TrainerCallback):
             batches = _collated(
                 self.trainer.data_collator, self.trainer.train_dataset, rows, self.batch_size, torch.device("cpu")
             )
-            scores = score_dataset(model, batches, self.loss_fn, query, desc=f"U2A refresh {self.refresh_index}").cpu()
+            scores = score_dataset(
+                model,
+                batches,
+                self.loss_fn,
+                query,
+                desc=f"U2A refresh {self.refresh_index}",
+                disable_progress=self.trainer.args.disable_tqdm,
+            ).cpu()
         return u2a_data.gather_chunks(accelerator, scores, m)
 
     def _retain_nll(self, model) -> float | None:

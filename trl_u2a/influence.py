@@ -619,12 +619,13 @@ def score_dataset(
     v: ParamVector,
     desc: str = "U2A scoring",
     method: str = "auto",
+    disable_progress: bool = False,
 ) -> torch.Tensor:
     """Scores of many batches of negatives, concatenated: `(N,)` float32, in batch order.
 
     `method`: `"ghost"`, `"brute_force"` or `"auto"` (ghost when `v` is covered, else brute force with one
-    warning). Shows a tqdm progress bar, disabled when the `TQDM_DISABLE` environment variable is set (and on
-    non-zero ranks).
+    warning). Shows a tqdm progress bar, disabled by `disable_progress` (the trainer passes `disable_tqdm`), when the
+    `TQDM_DISABLE` environment variable is set, and on non-zero ranks.
     """
     from tqdm.auto import tqdm
 
@@ -643,7 +644,7 @@ def score_dataset(
             stacklevel=2,
         )
     total = len(batches) if hasattr(batches, "__len__") else None
-    progress = tqdm(batches, desc=desc, total=total, disable=_progress_disabled(), unit="batch")
+    progress = tqdm(batches, desc=desc, total=total, disable=disable_progress or _progress_disabled(), unit="batch")
     device = model_device(base)
     out = []
     if covered and method != "brute_force":

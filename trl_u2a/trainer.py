@@ -152,6 +152,7 @@ class U2ATrainer(KTOTrainer):
                 quantization_config=quantization_config,
                 peft_config=peft_config,
             )
+        _check_process_count(self.accelerator)
         self.loss_type = args.loss_type
         self.beta = args.beta
         if args.loss_type == "npo":
@@ -273,7 +274,9 @@ class U2ATrainer(KTOTrainer):
         for start in tqdm(
             range(0, len(rows), batch_size),
             desc=f"Computing reference log-probs of the {name} negatives",
-            disable=not self.accelerator.is_local_main_process or bool(os.environ.get("TQDM_DISABLE")),
+            disable=not self.accelerator.is_local_main_process
+            or self.args.disable_tqdm
+            or bool(os.environ.get("TQDM_DISABLE")),
         ):
             batch = self._collator([dataset[i] for i in rows[start : start + batch_size]])
             batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
@@ -628,6 +631,30 @@ class U2ATrainer(KTOTrainer):
             )
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         self.load_u2a_state_dict(state)
+
+
+def _check_process_count(accelerator) -> None:
+    """Log the world size, distributed type and precision; refuse a launch whose processes accelerate runs alone.
+
+    `accelerate launch` and `torchrun` set `WORLD_SIZE`. On a machine without a GPU, accelerate without `use_cpu`
+    falls back to one independent process per rank (`DistributedType.NO`): every rank would train alone, exit 0, and
+    write every file twice.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    state = accelerator.state
+    if launched > accelerator.num_processes:
+        raise RuntimeError(
+            f"This process is one of {launched} launched (WORLD_SIZE={launched}), but accelerate runs it alone "
+            f"({state.distributed_type}, {accelerator.num_processes} process): the ranks would train independently "
+            "and write every file twice. On a machine without a GPU, set ACCELERATE_USE_CPU=true (or use_cpu: true) "
+            "and launch with --multi_gpu --num_processes N; with GPUs, check that CUDA is visible to every rank "
+            "(docs/troubleshooting.md, 'A multi-process run is really independent processes')."
+        )
+    logger.info(
+        f"U2A: {accelerator.num_processes} process(es), distributed type {state.distributed_type}, mixed precision "
+        f"{state.mixed_precision}, device {accelerator.device}.",
+        main_process_only=True,
+    )
 
 
 def checkpoint_problem(path: str) -> str | None:
