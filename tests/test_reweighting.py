@@ -393,3 +393,23 @@ def test_initial_pass_follows_the_warm_up_against_the_start_model(tiny_model_pat
     assert {i for step, ids in seen if step < 2 for i in ids} - selected
     end = history[1]["step"] if len(history) > 1 else 8
     assert all(set(ids) <= selected for step, ids in seen if 3 <= step < end)
+
+
+def test_each_refresh_is_logged_once_unaveraged(tiny_model_path, tmp_path, planted):
+    """Refreshes at steps 0, 1, 2, 3 inside one logging window of 4 steps: each refresh's J is its own log entry at
+    its step, not the mean of the window's (the first logged J is ln 2, as the quickstart says)."""
+    import math
+
+    negatives, alignment = planted
+    args = cpu_args(
+        tmp_path, loss_type="ga", budget=6, reweight_steps=1, max_steps=5, logging_steps=4, learning_rate=3e-3
+    )
+    trainer = U2ATrainer(model=tiny_model_path, args=args, train_dataset=negatives, alignment_dataset=alignment)
+    trainer.train()
+    logged = [
+        (entry["step"], entry["u2a/objective"]) for entry in trainer.state.log_history if "u2a/objective" in entry
+    ]
+    history = trainer.refresh_callback.history
+    assert logged == [(r["step"], pytest.approx(r["objective"])) for r in history]
+    assert logged[0] == (0, pytest.approx(math.log(2), abs=1e-6))
+    assert len({value for _, value in logged}) == len(logged)

@@ -155,7 +155,7 @@ class U2ARefreshCallback(TrainerCallback):
         if self.history and self.history[-1]["step"] < state.global_step:
             # J after the last window, so that every refresh has its realised change (no scoring: weights are final)
             final = self._objective(state.global_step, cost)
-            self.trainer._metrics["train"]["u2a/objective"].append(final)
+            self.trainer.log_refresh({"u2a/objective": final})
         elif self.history:
             self.history[-1].update(cost)
         if self.trainer.accelerator.is_main_process and self.history and args.save_refresh_plots:
@@ -559,7 +559,7 @@ class U2ARefreshCallback(TrainerCallback):
     # ---------------------------------------------------------------- output
     def _log(self, record: dict[str, Any], ids: torch.Tensor, scores: torch.Tensor) -> None:
         trainer = self.trainer
-        metrics = trainer._metrics["train"]
+        metrics = {}
         for key in (
             "objective",
             "n_selected",
@@ -575,10 +575,11 @@ class U2ARefreshCallback(TrainerCallback):
         ):
             value = record.get(key)
             if value is not None:
-                metrics[f"u2a/{key}"].append(float(value))
+                metrics[f"u2a/{key}"] = float(value)
         if self.history and "realised_change" in self.history[-1]:
-            metrics["u2a/objective_change"].append(self.history[-1]["realised_change"])
-            metrics["u2a/objective_change_predicted"].append(self.history[-1]["predicted_change"])
+            metrics["u2a/objective_change"] = self.history[-1]["realised_change"]
+            metrics["u2a/objective_change_predicted"] = self.history[-1]["predicted_change"]
+        trainer.log_refresh(metrics)
         if not trainer.accelerator.is_main_process:
             return
         weights = trainer.weight_state.weights

@@ -22,7 +22,7 @@ import torch
 from accelerate.logging import get_logger
 from datasets import Dataset
 from tqdm.auto import tqdm
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from trl import KTOTrainer
 from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
@@ -312,6 +312,11 @@ class U2ATrainer(KTOTrainer):
         self._weights = state.weights.to(device=self.accelerator.device, dtype=torch.float32)
         if self._sampler is not None:
             self._sampler.update_weights(state.weights)
+
+    def log_refresh(self, metrics: dict[str, float]) -> None:
+        """Log one refresh's `u2a/*` metrics as an entry of their own at the current step, unaveraged: in TRL's
+        `_metrics` two refreshes inside one logging window would be averaged into one value."""
+        Trainer.log(self, dict(metrics))
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
