@@ -319,7 +319,7 @@ def test_a_launch_that_accelerate_runs_alone_is_refused(monkeypatch, caplog):
         num_processes=1, device="cpu", state=types.SimpleNamespace(distributed_type="NO", mixed_precision="no")
     )
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(RuntimeError, match="one of 2 launched .* ACCELERATE_USE_CPU=true"):
+    with pytest.raises(RuntimeError, match=r"one of 2 launched .* ACCELERATE_USE_CPU=true"):
         _check_process_count(alone)
     monkeypatch.delenv("WORLD_SIZE")
     with caplog.at_level("INFO"):
