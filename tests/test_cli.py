@@ -114,3 +114,20 @@ def test_a_jsonl_alignment_file_needs_no_alignment_split(tmp_path):
     argv += ["--pa_samples", "4"]
     trainer = cli([*argv, "--alignment_dataset_name", str(pairs)])  # its only split is "train", not "alignment"
     assert len(trainer.alignment_dataset) == len(PROMPTS)
+
+
+def test_help_shows_u2a_options_first_and_hides_the_inert_ones():
+    """`trl-u2a train --help`: a one-line usage, U2A's own options first under their heading, KTO options that U2A
+    never reads hidden (the help used to list U2A's options from line ~755 on, with no heading)."""
+    text = make_parser(prog="trl-u2a train").format_help()
+    lines = text.splitlines()
+    assert lines[0] == "usage: trl-u2a train [--config RECIPE.yaml] [--OPTION VALUE ...]"
+    heading = lines.index("U2A options:")
+    assert heading < 5
+    first_general = next(i for i, line in enumerate(lines) if line.lstrip().startswith("--output_dir"))
+    for option in ("--loss_type", "--budget", "--reweight_warmup_steps", "--reweight_overhead", "--preconditioner"):
+        position = next(i for i, line in enumerate(lines) if line.lstrip().startswith(option))
+        assert heading < position < first_general, option
+    for inert in ("--desirable_weight", "--sync_ref_model", "--train_sampling_strategy", "--precompute_ref_log_probs"):
+        assert inert not in text
+    assert "(default 0.1)" not in text  # --beta used to read "(default 0.1) ... (default: None)"

@@ -143,7 +143,7 @@ class U2AConfig(KTOConfig):
     )
     beta: float | None = field(
         default=None,
-        metadata={"help": "Temperature of 'npo' (default 0.1) and 'simnpo' (default 4.5)."},
+        metadata={"help": "Temperature of 'npo' and 'simnpo'; None picks 0.1 for 'npo' and 4.5 for 'simnpo'."},
     )
     gamma: float = field(default=0.0, metadata={"help": "Margin γ of 'simnpo'."})
     ga_reduction: str = field(
@@ -157,7 +157,7 @@ class U2AConfig(KTOConfig):
     retain_weight: float | None = field(
         default=None,
         metadata={
-            "help": "Weight α of the retain term (label=True rows or chosen responses); 0 disables it. Defaults to 1.0 "
+            "help": "Weight α of the retain term (label=True rows or chosen responses); 0 disables it. None picks 1.0 "
             "for 'graddiff', 0.0 otherwise."
         },
     )

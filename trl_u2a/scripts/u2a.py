@@ -215,6 +215,19 @@ def _hint(name: str, valid: set[str], show: str) -> str:
     return show.format(name) + (f" (did you mean {show.format(close[0])}?)" if close else "")
 
 
+# KTO options that U2A inherits but never reads: hidden from `--help` (KTO's loss weights and reference-model sync;
+# the sampler and the reference-log-prob precompute are U2A's own)
+INERT_OPTIONS = (
+    "desirable_weight",
+    "undesirable_weight",
+    "sync_ref_model",
+    "ref_model_mixup_alpha",
+    "ref_model_sync_steps",
+    "precompute_ref_log_probs",
+    "train_sampling_strategy",
+)
+
+
 def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
     from trl import ModelConfig
 
@@ -222,8 +235,34 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
 
     dataclass_types = (U2AScriptArguments, U2AConfig, ModelConfig)
     if subparsers is not None:
-        return subparsers.add_parser("train", help="Train with U2A", dataclass_types=dataclass_types)
-    return U2AParser(dataclass_types, prog=prog)
+        parser = subparsers.add_parser("train", help="Train with U2A", dataclass_types=dataclass_types)
+    else:
+        parser = U2AParser(dataclass_types, prog=prog)
+    _arrange_help(parser, U2AConfig)
+    return parser
+
+
+def _arrange_help(parser: argparse.ArgumentParser, config_class) -> None:
+    """`--help` lists U2A's own options first, under their own heading, and hides the inherited ones it ignores
+    (otherwise U2A's options start some 750 lines down, after every `TrainingArguments` option)."""
+    import inspect
+
+    own = set(inspect.get_annotations(config_class))
+    group = parser.add_argument_group(
+        "U2A options", "The unlearning loss and the bi-level reweighting (docs/usage.md, 'Choosing the knobs')."
+    )
+    for action in parser._actions:
+        if action.dest in INERT_OPTIONS:
+            action.help = argparse.SUPPRESS
+        elif action.dest in own and action.dest not in ("learning_rate",):
+            for other in parser._action_groups:
+                if other is not group and action in other._group_actions:
+                    other._group_actions.remove(action)
+            group._group_actions.append(action)
+    parser._action_groups.remove(group)
+    parser._action_groups.insert(0, group)
+    # argparse's usage would list every one of some 300 options before any help text
+    parser.usage = "%(prog)s [--config RECIPE.yaml] [--OPTION VALUE ...]"
 
 
 def interrupt_message(output_dir: str, argv: list[str], world_size: int = 1) -> str:
