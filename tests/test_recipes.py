@@ -255,14 +255,13 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(
     # about lr·sign(g), which hides most of a scale error and amplifies float noise in near-zero gradient entries
     # (measured: 6e-6 apart with Adam, 7e-9 with SGD, for identical gradients up to summation order).
     common = ["--optim", "sgd", "--learning_rate", "0.1"]
+    # The CPU launcher config of the README (2 processes, fp32; ddp.yaml asks for bf16 autocast, right on GPUs)
     code, output, facts = launch(
-        "ddp.yaml",
+        "cpu_ddp.yaml",
         "tiny.yaml",
         [*run_overrides(tiny_model_path, weighted_train_split, tmp_path / "ddp"), *common],
         tmp_path,
         env={"ACCELERATE_USE_CPU": "true"},
-        # ddp.yaml asks for bf16 autocast (right on GPUs); the comparison with an fp32 run needs fp32 on both sides
-        launcher_args=["--mixed_precision", "no"],
     )
     assert code == 0, output
     for rank in facts:
