@@ -742,50 +742,58 @@ def _tiny_step(model, optimizer):
 
 def _fsdp2_worker(rank, world_size, store, out_dir):
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
-        model = _TinyNet()
-        fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
-        sharded = list(model.parameters())
-        assert all(type(p).__name__ == "DTensor" for p in sharded)
-        # FSDP2 does not reshard the root after a forward that no backward follows (a reference pass)
-        with torch.no_grad():
-            model(_tiny_pairs(5, [4])[0]["x"])
-        assert not any(type(p).__name__ == "DTensor" for p in model.parameters())
-        params = inf.tracked_parameters(model)
-        assert [id(p) for p in params] == [id(p) for p in sharded]
-        # Every rank runs the same forwards (each all-gathers the parameters), on different pairs
-        grads = inf.alignment_gradient(model, _tiny_objective, _tiny_pairs(rank, [3 - rank, 2]), params)
-        v = random_v(params, seed=3)  # full-shape plain tensors, keyed by the sharded parameters
-        negatives = _tiny_pairs(5, [4])[0]
-        with torch.no_grad():
-            model(negatives["x"])
-        ghost = inf.score_negatives_batch(model, negatives, _tiny_loss_fn, v)
-        brute = inf.brute_force_scores(model, negatives, _tiny_loss_fn, v)
-        with inf.GhostDotProduct(model, v) as recorder, recorder.recording():
-            (_tiny_loss_fn(model, negatives) * torch.tensor([1.0, 2.0, 0.5, 1.0])).sum().backward()
-        in_training = recorder.scores(4)
-        with torch.no_grad():
-            model(negatives["x"])
-        optimizer = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95), eps=1e-6)
-        _tiny_step(model, optimizer)
-        adam = inf.precondition(grads, "adam", damping=1e-4, optimizer=optimizer)
-        torch.save(
-            {
-                "grads": list(grads.values()),
-                "n": grads.num_pairs,
-                "ghost": ghost,
-                "brute": brute,
-                "in_training": in_training,
-                "adam": [adam[p] for p in params],
-            },
-            os.path.join(out_dir, f"rank{rank}.pt"),
-        )
+        _fsdp2_checks(rank, world_size, out_dir)
+        # The sharded model, its optimizer and the device mesh hold the process group: freed before it is destroyed
+        # (freed after, a gloo destructor aborted the process: "terminate called without an active exception")
+        gc.collect()
     finally:
         dist.destroy_process_group()
+
+
+def _fsdp2_checks(rank, world_size, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _TinyNet()
+    fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
+    sharded = list(model.parameters())
+    assert all(type(p).__name__ == "DTensor" for p in sharded)
+    # FSDP2 does not reshard the root after a forward that no backward follows (a reference pass)
+    with torch.no_grad():
+        model(_tiny_pairs(5, [4])[0]["x"])
+    assert not any(type(p).__name__ == "DTensor" for p in model.parameters())
+    params = inf.tracked_parameters(model)
+    assert [id(p) for p in params] == [id(p) for p in sharded]
+    # Every rank runs the same forwards (each all-gathers the parameters), on different pairs
+    grads = inf.alignment_gradient(model, _tiny_objective, _tiny_pairs(rank, [3 - rank, 2]), params)
+    v = random_v(params, seed=3)  # full-shape plain tensors, keyed by the sharded parameters
+    negatives = _tiny_pairs(5, [4])[0]
+    with torch.no_grad():
+        model(negatives["x"])
+    ghost = inf.score_negatives_batch(model, negatives, _tiny_loss_fn, v)
+    brute = inf.brute_force_scores(model, negatives, _tiny_loss_fn, v)
+    with inf.GhostDotProduct(model, v) as recorder, recorder.recording():
+        (_tiny_loss_fn(model, negatives) * torch.tensor([1.0, 2.0, 0.5, 1.0])).sum().backward()
+    in_training = recorder.scores(4)
+    with torch.no_grad():
+        model(negatives["x"])
+    optimizer = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95), eps=1e-6)
+    _tiny_step(model, optimizer)
+    adam = inf.precondition(grads, "adam", damping=1e-4, optimizer=optimizer)
+    torch.save(
+        {
+            "grads": list(grads.values()),
+            "n": grads.num_pairs,
+            "ghost": ghost,
+            "brute": brute,
+            "in_training": in_training,
+            "adam": [adam[p] for p in params],
+        },
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
 
 
 def test_fsdp2_sharded_parameters_match_plain_ones(tmp_path):
