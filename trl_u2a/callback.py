@@ -421,19 +421,15 @@ class U2ARefreshCallback(TrainerCallback):
         order = torch.cat(
             [eligible[torch.randperm(len(eligible), generator=generator)] for _ in range(-(-draws // len(eligible)))]
         )[:draws]
+        device = _device(accelerator.unwrap_model(trainer.model))
         batches = []
         for start in range(0, draws, size):
-            ids = order[start : start + size].tolist()
-            local = u2a_data.padded_chunk(ids, accelerator.process_index, accelerator.num_processes)
-            real = len(ids[accelerator.process_index * len(local) : (accelerator.process_index + 1) * len(local)])
-            batch = _collated(
-                trainer.data_collator,
-                trainer.train_dataset,
-                trainer._negative_rows[local].tolist(),
-                len(local),
-                _device(accelerator.unwrap_model(trainer.model)),
-            )[0]
-            batch[PADDING] = torch.arange(len(local), device=batch["input_ids"].device) >= real
+            local, padding = _padded_share(
+                order[start : start + size].tolist(), accelerator.process_index, accelerator.num_processes
+            )
+            rows = trainer._negative_rows[local].tolist()
+            batch = _collated(trainer.data_collator, trainer.train_dataset, rows, len(rows), device)[0]
+            batch[PADDING] = padding.to(device)
             batches.append(batch)
         return batches
 
@@ -453,12 +449,12 @@ class U2ARefreshCallback(TrainerCallback):
             for i, entry in part.items():
                 if i not in merged or entry[0] > merged[i][0]:
                     merged[i] = entry
-        selected = torch.nonzero(weights > 0).flatten()
         fresh_ids = torch.tensor(sorted(i for i in merged if weights[i] > 0), dtype=torch.long)
         fresh_scores = torch.tensor([merged[int(i)][1] for i in fresh_ids], dtype=torch.float64)
-        stale = selected[~torch.isin(selected, fresh_ids)]
-        if lagged:
-            stale = stale[:0]
+        stale = torch.zeros(0, dtype=torch.long)
+        if not lagged:
+            selected = torch.nonzero(weights > 0).flatten()
+            stale = selected[~torch.isin(selected, fresh_ids)]
         unselected = torch.nonzero(weights <= 0).flatten()
         pool_size = min(self.pool_size, len(unselected))
         pool = unselected[torch.randperm(len(unselected), generator=generator)[:pool_size]].sort().values
