@@ -75,7 +75,7 @@ def worker(args):
     from accelerate import PartialState
     from transformers import AutoTokenizer
 
-    import trl_u2a.callback as callback_module
+    import trl_u2a.refresh.controller as callback_module
     from trl_u2a import U2AConfig, U2ATrainer
 
     torch.set_num_threads(1)
@@ -125,8 +125,8 @@ def worker(args):
     refreshes = []
     for i in range(1 + args.repeats):
         if i:
-            callback.refresh_index = 0
-            callback.history = []
+            callback.controller.refresh_index = 0
+            callback.controller.history = []
             trainer.set_weights(initial)
         components.clear()
         accelerator.wait_for_everyone()

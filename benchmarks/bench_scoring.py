@@ -105,7 +105,7 @@ def run_method(method, model, params, v, batches, loss_fn):
     import torch
 
     from trl_u2a import influence as inf
-    from trl_u2a.modeling import slice_batch
+    from trl_u2a.core.modeling import slice_batch
 
     if method == "train":
         model.train()

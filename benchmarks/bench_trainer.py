@@ -205,9 +205,10 @@ def run_interleaved(trainers: dict, args) -> dict:
         trainer.add_callback(Handover(name))
         callback = getattr(trainer, "refresh_callback", None)
         if callback is not None:
-            callback.refresh = _timed(callback.refresh, records[name]["refreshes"], args.device, with_step=True)
+            controller = callback.controller
+            controller.refresh = _timed(controller.refresh, records[name]["refreshes"], args.device, with_step=True)
             final = []
-            callback._objective = _timed(callback._objective, final, args.device)
+            controller._final_objective = _timed(controller._final_objective, final, args.device)
             records[name]["_final"] = final
 
     def work(name):
@@ -247,7 +248,7 @@ def _timed(fn, sink, device, with_step=False):
         wall, cpu = clock.read()
         entry = {"wall": wall, "cpu": cpu}
         if with_step:
-            entry["step"] = a[0].global_step
+            entry["step"] = a[0]
         sink.append(entry)
         return out
 

@@ -96,7 +96,7 @@ def run_method(method, model, params, v, batches, loss_fn, per_example_rows=None
     import torch
 
     from trl_u2a import influence as inf
-    from trl_u2a.modeling import eval_mode, slice_batch
+    from trl_u2a.core.modeling import eval_mode, slice_batch
 
     if method == "train":
         model.train()

@@ -33,22 +33,22 @@ FUNCTIONS = (  # qualified names as py-spy prints them; a frame matches when its
     "U2ATrainer.compute_loss",
     "KTOTrainer.compute_loss",
     "U2ATrainer._log_batch_metrics",
-    "U2ARefreshCallback.record_training_scores",
+    "RefreshController.record_training_scores",
     "GhostDotProduct._linear_hook",
     "_linear_hook.<locals>.contribution",
     "Accelerator.backward",
     "AcceleratedOptimizer.step",
     "Trainer._clip_grad_norm",
-    "U2ARefreshCallback.on_step_end",
-    "U2ARefreshCallback.refresh",
+    "RefreshController.step_end",
+    "RefreshController.refresh",
     "compute_query",
     "alignment_gradient",
-    "U2ARefreshCallback._reference_pair_logps",
-    "U2ARefreshCallback._pair_batches",
-    "U2ARefreshCallback._candidates",
-    "U2ARefreshCallback._score",
-    "U2ARefreshCallback._retain_nll",
-    "U2ARefreshCallback._log",
+    "RefreshController._reference_pair_logps",
+    "RefreshController._pair_batches",
+    "RefreshController._candidates",
+    "RefreshController._score",
+    "RefreshController._retain_nll",
+    "RefreshController._log",
     "score_dataset",
     "_ghost_scores",
     "scoring_mode",
@@ -80,7 +80,7 @@ def parse_args(argv=None):
 def collapse(path, rows):
     """Inclusive samples per function of interest in a py-spy `-f raw` file (`frame;frame;... count`, frames
     `Qualified.name (file:line)`), as a share of all samples and of the enclosing training step or refresh."""
-    parents = ("U2ATrainer.training_step", "KTOTrainer.training_step", "U2ARefreshCallback.refresh")
+    parents = ("U2ATrainer.training_step", "KTOTrainer.training_step", "RefreshController.refresh")
     total, inclusive = 0, collections.Counter()
     within = {p: collections.Counter() for p in parents}
     for line in open(path):

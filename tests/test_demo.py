@@ -340,7 +340,7 @@ def test_miniature_pipeline_runs_every_method_and_reports_every_metric(tmp_path)
     by_method = {r["method"]: r for r in results["runs"]}
     assert by_method["oracle"]["sel_harmful"] == 1.0
     assert by_method["uniform"]["n_selected"] == by_method["uniform"]["n_negatives"]
-    from trl_u2a.weighting import budget_size
+    from trl_u2a.core.weighting import budget_size
 
     n = by_method["random"]["n_negatives"]
     assert by_method["random"]["n_selected"] == budget_size(config.u2a_value("budget"), n)

@@ -42,10 +42,13 @@ def test_docs_build_strict(tmp_path):
     for name in (
         "config.U2AConfig",
         "trainer.U2ATrainer",
-        "callback.U2ARefreshCallback",
+        "refresh.callback.U2ARefreshCallback",
+        "refresh.controller.RefreshController",
+        "refresh.host.RefreshHost",
         "scoring.score_negatives",
-        "influence.compute_query",
-        "weighting.refresh_weights",
+        "influence.query.compute_query",
+        "influence.scores.score_dataset",
+        "core.weighting.refresh_weights",
     ):
         assert f'id="trl_u2a.{name}"' in api, f"trl_u2a.{name} is missing from the API reference"
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trl_u2a.losses import (
+from trl_u2a.core.losses import (
     completion_logps,
     ga_loss,
     kl_to_reference,

@@ -225,7 +225,7 @@ def test_nan_loss_stops_with_where_and_when_and_keeps_the_last_good_checkpoint(
 
 
 def test_non_finite_scores_skip_the_refresh_and_keep_the_weights(tiny_model_path, tmp_path, preference_dataset):
-    from trl_u2a.objectives import DPOObjective
+    from trl_u2a.core.objectives import DPOObjective
 
     calls = {"n": 0}
     dpo = DPOObjective(0.1)
@@ -235,7 +235,7 @@ def test_non_finite_scores_skip_the_refresh_and_keep_the_weights(tiny_model_path
         losses = dpo(model, batch)
         return losses * float("nan") if calls["n"] > 1 else losses  # the second refresh sees NaN
 
-    objective_wrapped = __import__("trl_u2a.objectives", fromlist=["CallableObjective"]).CallableObjective(
+    objective_wrapped = __import__("trl_u2a.core.objectives", fromlist=["CallableObjective"]).CallableObjective(
         objective, needs_reference=True
     )
     alignment = Dataset.from_dict({"prompt": PROMPTS, "chosen": CHOSEN, "rejected": REJECTED})
@@ -285,7 +285,7 @@ def test_collapse_guard_stops_and_restores_the_last_good_adapter(tiny_model_path
     before = next(r for r in trainer.refresh_callback.history if r["step"] == restored)
     # The restored model has the retain NLL measured at that earlier refresh
     with torch.no_grad():
-        nll = trainer.refresh_callback._retain_nll(trainer.accelerator.unwrap_model(trainer.model))
+        nll = trainer.refresh_callback.controller._retain_nll(trainer.accelerator.unwrap_model(trainer.model))
     assert nll == pytest.approx(before["retain_nll"], rel=1e-5)
     assert stopped["retain_nll"] > before["retain_nll"] + 0.1
 

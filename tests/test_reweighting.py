@@ -11,9 +11,9 @@ from conftest import CHOSEN, PROMPTS, REJECTED, cpu_args
 from datasets import Dataset
 
 from trl_u2a import U2ATrainer
+from trl_u2a.core.modeling import fill_reference_logps
+from trl_u2a.core.objectives import DPOObjective
 from trl_u2a.data import PairCollator, tokenize_pairs
-from trl_u2a.modeling import fill_reference_logps
-from trl_u2a.objectives import DPOObjective
 
 HERE = os.path.dirname(__file__)
 
@@ -164,8 +164,8 @@ def test_refresh_cost_is_recorded_and_only_a_fixed_cadence_over_the_bound_warns(
     end-of-training plots off."""
     import types
 
-    import trl_u2a.callback as callback_module
-    from trl_u2a.schedule import refresh_steps
+    import trl_u2a.refresh.controller as callback_module
+    from trl_u2a.core.schedule import refresh_steps
 
     def ticks():  # the clock read at the start of training, then at the start and at the end of each refresh
         now = 0.0

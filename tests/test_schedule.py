@@ -1,10 +1,10 @@
-"""The overhead-bounded cadence (`trl_u2a.schedule`): pure arithmetic."""
+"""The overhead-bounded cadence (`trl_u2a.core.schedule`): pure arithmetic."""
 
 import itertools
 
 import pytest
 
-from trl_u2a.schedule import FIRST_RESELECTION_STEP, fixed_steps, refresh_rows, refresh_steps
+from trl_u2a.core.schedule import FIRST_RESELECTION_STEP, fixed_steps, refresh_rows, refresh_steps
 
 
 def test_refresh_rows_counts_two_rows_per_pair():

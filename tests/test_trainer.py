@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import CHOSEN, PROMPTS, REJECTED, cpu_args
 from datasets import Dataset
+from trl import KTOTrainer
 
-from trl_u2a import U2ATrainer
+from trl_u2a import U2AConfig, U2ATrainer
 from trl_u2a.data import NEGATIVE_ID
 
 
@@ -111,7 +112,7 @@ def test_every_batch_is_full(tiny_model_path, tmp_path, unpaired_dataset, retain
 
 def test_the_trainer_uses_the_one_budget_rule(tiny_model_path, tmp_path):
     """10 negatives at budget 0.25: 2.5 rounds half up to 3 (`weighting.budget_size`), on the trainer's path."""
-    from trl_u2a.weighting import budget_size
+    from trl_u2a.core.weighting import budget_size
 
     dataset = Dataset.from_dict({"prompt": PROMPTS + PROMPTS[:4], "completion": REJECTED + CHOSEN[:4]})
     alignment = Dataset.from_dict({"prompt": PROMPTS, "chosen": CHOSEN, "rejected": REJECTED})
@@ -126,7 +127,7 @@ def test_the_trainer_uses_the_one_budget_rule(tiny_model_path, tmp_path):
 
 
 def test_resume_refuses_a_state_with_another_number_of_negatives(tiny_model_path, tmp_path, preference_dataset):
-    from trl_u2a.weighting import WeightState
+    from trl_u2a.core.weighting import WeightState
 
     trainer = _trainer(tiny_model_path, tmp_path, preference_dataset, loss_type="ga")
     with pytest.raises(ValueError, match="weights for 7 negatives but this run has 6"):
@@ -210,7 +211,7 @@ def test_unpaired_and_negatives_only_formats(tiny_model_path, tmp_path, unpaired
     assert trainer.num_negatives == 6
     negatives_only = Dataset.from_dict({"prompt": PROMPTS, "completion": REJECTED})
     trainer = _trainer(tiny_model_path, tmp_path, negatives_only, loss_type="simnpo")
-    assert trainer.num_negatives == 6 and len(trainer._retain_rows) == 0
+    assert trainer.num_negatives == 6 and len(trainer.retain_rows) == 0
     trainer.train()
 
 
@@ -325,3 +326,30 @@ def test_a_launch_that_accelerate_runs_alone_is_refused(monkeypatch, caplog):
     with caplog.at_level("INFO"):
         _check_process_count(alone)
     assert any("1 process(es), distributed type NO, mixed precision no" in m for m in caplog.messages)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("desirable_weight", 2.0), ("train_sampling_strategy", "random"), ("sync_ref_model", True)]
+)
+def test_inert_kto_options_are_refused(name, value, tmp_path):
+    """A KTO option U2A never reads would silently do nothing: setting it is an error naming it."""
+    with pytest.raises(ValueError, match=f"{name}=.*U2A never reads them"):
+        U2AConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, **{name: value})
+    U2AConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False)  # their defaults pass
+
+
+def test_constructor_follows_trl_order_and_refuses_what_it_cannot_honour(tiny_model_path, tmp_path):
+    """Positional arguments in TRL's order (model, ref_model, args, data_collator, train_dataset, ...); U2A's inputs
+    are keyword-only; a data_collator or compute_metrics is refused before any model is loaded."""
+    import inspect
+
+    names = list(inspect.signature(U2ATrainer.__init__).parameters)[1:13]
+    assert names == list(inspect.signature(KTOTrainer.__init__).parameters)[1:13]
+    params = inspect.signature(U2ATrainer.__init__).parameters
+    assert params["alignment_dataset"].kind is inspect.Parameter.KEYWORD_ONLY
+    args = cpu_args(tmp_path)
+    data = Dataset.from_dict({"prompt": ["a"], "completion": [" b"], "label": [False]})
+    with pytest.raises(ValueError, match="does not take a data_collator"):
+        U2ATrainer(str(tiny_model_path), None, args, lambda rows: rows, data)
+    with pytest.raises(ValueError, match="does not take compute_metrics"):
+        U2ATrainer(str(tiny_model_path), args=args, train_dataset=data, compute_metrics=lambda p: {})

@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from trl_u2a.weighting import (
+from trl_u2a.core.weighting import (
     WeightState,
     budget_size,
     refresh_weights,

@@ -14,10 +14,10 @@ __version__ = "0.1.0"
 _LAZY = {
     "U2AConfig": "trl_u2a.config",
     "U2ATrainer": "trl_u2a.trainer",
-    "U2ARefreshCallback": "trl_u2a.callback",
+    "U2ARefreshCallback": "trl_u2a.refresh.callback",
     "score_negatives": "trl_u2a.scoring",
-    "DPOObjective": "trl_u2a.objectives",
-    "AlignmentObjective": "trl_u2a.objectives",
+    "DPOObjective": "trl_u2a.core.objectives",
+    "AlignmentObjective": "trl_u2a.core.objectives",
 }
 
 __all__ = [
@@ -30,9 +30,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .callback import U2ARefreshCallback
     from .config import U2AConfig
-    from .objectives import AlignmentObjective, DPOObjective
+    from .core.objectives import AlignmentObjective, DPOObjective
+    from .refresh.callback import U2ARefreshCallback
     from .scoring import score_negatives
     from .trainer import U2ATrainer
 

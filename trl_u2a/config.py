@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 from trl import KTOConfig
 
-from .losses import LOSS_TYPES
-from .weighting import budget_size
+from .core.losses import DEFAULT_BETA, LOSS_TYPES
+from .core.weighting import budget_size
 
 RETAIN_LOSSES = ("nll", "kl")
 WEIGHTINGS = ("loss", "sampling")
 PRECONDITIONERS = ("identity", "adam", "fisher")
-GA_REDUCTIONS = ("mean", "sum")
-DEFAULT_BETA = {"ga": 0.1, "graddiff": 0.1, "npo": 0.1, "simnpo": 4.5}
 
 
 @dataclass
@@ -36,9 +35,6 @@ class U2AConfig(KTOConfig):
             Temperature of `"npo"` and `"simnpo"`. Defaults to `0.1` for `"npo"` and `4.5` for `"simnpo"`.
         gamma (`float`, *optional*, defaults to `0.0`):
             Margin of `"simnpo"`.
-        ga_reduction (`str`, *optional*, defaults to `"mean"`):
-            `"mean"` divides the log-likelihood of a `"ga"` negative by its number of completion tokens; `"sum"` does
-            not.
         retain_weight (`float`, *optional*):
             Weight α of the retain term on retain examples (`label=True` rows, or `chosen`). `0` disables it. Defaults
             to `1.0` for `"graddiff"` and `0.0` otherwise. The retain term is not weighted by the per-example weights.
@@ -108,9 +104,6 @@ class U2AConfig(KTOConfig):
         retain_nll_tolerance (`float`, *optional*):
             Stop training when the retain NLL rises more than this above its value at the first refresh (a guard
             against gradient-ascent collapse). `None` disables it.
-        min_score_scale (`float`, *optional*, defaults to `1e-8`):
-            Warn when the scale of the scores is below this: the start model may have memorised its negatives, and the
-            selection is then noise.
         save_refresh_plots (`bool`, *optional*, defaults to `True`):
             At the end of training, draw `J`, the weights and the scores of every refresh as PNGs in
             `output_dir/u2a_plots` (main process; about 2 s). The JSONL trace is written either way.
@@ -118,19 +111,14 @@ class U2AConfig(KTOConfig):
     > [!NOTE]
     > These parameters have default values different from [`trl.KTOConfig`]:
     > - `learning_rate`: Defaults to `1e-5` instead of `1e-6` (unlearning typically runs for few steps).
-    > - `train_sampling_strategy`: Defaults to `"random"`; the U2A sampler draws only selected negatives.
+
+    KTO options that U2A never reads (`INERT_KTO_FIELDS`: KTO's loss weights, its reference-model sync, its sampler and
+    its reference-log-prob precompute) are refused when set to anything but their default.
     """
 
     learning_rate: float = field(
         default=1e-5,
         metadata={"help": "The initial learning rate for AdamW."},
-    )
-    train_sampling_strategy: str = field(
-        default="random",
-        metadata={
-            "help": "Kept for compatibility; U2A uses its own sampler that draws only selected negatives.",
-            "choices": ["random", "sequential", "group_by_length"],
-        },
     )
 
     # Unlearning loss
@@ -146,14 +134,6 @@ class U2AConfig(KTOConfig):
         metadata={"help": "Temperature of 'npo' and 'simnpo'; None picks 0.1 for 'npo' and 4.5 for 'simnpo'."},
     )
     gamma: float = field(default=0.0, metadata={"help": "Margin γ of 'simnpo'."})
-    ga_reduction: str = field(
-        default="mean",
-        metadata={
-            "help": "'mean' divides a 'ga' negative's log-likelihood by its number of completion tokens, 'sum' does "
-            "not.",
-            "choices": list(GA_REDUCTIONS),
-        },
-    )
     retain_weight: float | None = field(
         default=None,
         metadata={
@@ -252,20 +232,17 @@ class U2AConfig(KTOConfig):
         default=None,
         metadata={"help": "Stop when the retain NLL rises more than this above its first value; None disables it."},
     )
-    min_score_scale: float = field(
-        default=1e-8, metadata={"help": "Warn when the scores' scale is below this (memorised negatives)."}
-    )
     save_refresh_plots: bool = field(
         default=True, metadata={"help": "Draw the refreshes as PNGs in output_dir/u2a_plots at the end of training."}
     )
 
     def __post_init__(self):
         super().__post_init__()
+        _refuse_inert_fields(self)
         _check_choice("loss_type", self.loss_type, LOSS_TYPES)
         _check_choice("retain_loss", self.retain_loss, RETAIN_LOSSES)
         _check_choice("weighting", self.weighting, WEIGHTINGS)
         _check_choice("preconditioner", self.preconditioner, PRECONDITIONERS)
-        _check_choice("ga_reduction", self.ga_reduction, GA_REDUCTIONS)
         if self.beta is None:
             self.beta = DEFAULT_BETA[self.loss_type]
         if self.retain_weight is None:
@@ -321,7 +298,6 @@ class U2AConfig(KTOConfig):
                 raise ValueError(f"{name}={value!r} must be None or an integer ≥ 1.")
         if self.retain_nll_tolerance is not None:
             _check_positive("retain_nll_tolerance", self.retain_nll_tolerance)
-        _check_non_negative("min_score_scale", self.min_score_scale)
 
     def budget_count(self, num_negatives: int) -> int:
         """The budget as a number of negatives, for `num_negatives` candidates (`weighting.budget_size`)."""
@@ -351,3 +327,28 @@ def _check_non_negative(name: str, value) -> None:
     _check_finite(name, value)
     if value < 0:
         raise ValueError(f"{name}={value} must be ≥ 0.")
+
+
+# KTO options that U2A inherits but never reads: its loss weights and reference-model sync, its sampler (U2A draws
+# the selected negatives itself) and its reference-log-prob precompute (U2A caches NPO's own). Hidden from `--help`.
+INERT_KTO_FIELDS = (
+    "desirable_weight",
+    "undesirable_weight",
+    "sync_ref_model",
+    "ref_model_mixup_alpha",
+    "ref_model_sync_steps",
+    "precompute_ref_log_probs",
+    "train_sampling_strategy",
+)
+
+
+def _refuse_inert_fields(config: U2AConfig) -> None:
+    """A KTO option set to a value U2A would silently ignore is an error (the user expects it to act)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(KTOConfig)}
+    changed = [name for name in INERT_KTO_FIELDS if getattr(config, name) != defaults[name]]
+    if changed:
+        settings = ", ".join(f"{name}={getattr(config, name)!r}" for name in changed)
+        raise ValueError(
+            f"{settings}: U2AConfig inherits these KTOConfig options but U2A never reads them, so they would do "
+            "nothing. Remove them (U2A's own options are listed in docs/usage.md)."
+        )

@@ -324,18 +324,3 @@ class PairCollator:
 
 
 # ------------------------------------------------------------------------------------- sharding rows across processes
-def padded_chunk(rows: list[int], rank: int, world: int, min_size: int = 0) -> list[int]:
-    """This rank's contiguous chunk of `rows`: `max(min_size, ceil(n / world))` entries, padded with `rows[0]`, so
-    that every rank runs the same forwards (ZeRO-3 and FSDP2 gather parameters in collectives inside each forward).
-    `gather_chunks` drops the padding. Empty `rows` give an empty chunk."""
-    size = max(min_size, -(-len(rows) // world))
-    local = list(rows[rank * size : (rank + 1) * size])
-    return local + list(rows[:1]) * (size - len(local))
-
-
-def gather_chunks(accelerator, local: torch.Tensor, n: int) -> torch.Tensor:
-    """The values `local` `(size, ...)` that each rank computed for its `padded_chunk` of `n` rows, gathered in rank
-    order without the padding, on the CPU: `(n, ...)` on every rank."""
-    world, size = accelerator.num_processes, local.shape[0]
-    gathered = accelerator.gather(local.to(accelerator.device)).cpu().view(world, size, *local.shape[1:])
-    return torch.cat([gathered[r, : max(0, min(size, n - r * size))] for r in range(world)])

@@ -603,8 +603,8 @@ def _sequence_logps(model, encoded, pad_token_id: int, config: DemoConfig):
     """`(logps, lengths)` float64 tensors over `encoded` (prompt ids, completion ids) pairs, in batches."""
     import torch
 
+    from .core.modeling import sequence_logps
     from .data import collate_completions
-    from .modeling import sequence_logps
 
     logps, lengths = [], []
     with torch.no_grad():
@@ -1002,7 +1002,7 @@ def random_subset(n: int, budget: float, seed: int) -> list[float]:
     """A 0/1 weight vector selecting `budget_size(budget, n)` negatives at random (seeded)."""
     import random
 
-    from .weighting import budget_size
+    from .core.weighting import budget_size
 
     k = budget_size(budget, n)
     chosen = set(random.Random(seed).sample(range(n), k))

@@ -12,9 +12,9 @@ from __future__ import annotations
 from datasets import Dataset
 
 from . import data as u2a_data
+from .core.modeling import fill_reference_logps, model_device, move_batch
+from .core.objectives import DPOObjective, as_objective, reference_logps
 from .influence import compute_query, make_unlearning_loss_fn, score_dataset, scoring_mode
-from .modeling import fill_reference_logps, model_device, move_batch
-from .objectives import DPOObjective, as_objective, reference_logps
 
 
 def score_negatives(

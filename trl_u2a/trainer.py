@@ -16,13 +16,22 @@ import os
 import re
 import textwrap
 from collections import defaultdict
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from accelerate.logging import get_logger
 from datasets import Dataset
 from tqdm.auto import tqdm
-from transformers import Trainer, TrainerCallback
+from transformers import (
+    DataCollator,
+    EvalPrediction,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    ProcessorMixin,
+    Trainer,
+    TrainerCallback,
+)
 from trl import KTOTrainer
 from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
@@ -30,11 +39,17 @@ from trl.trainer.utils import use_adapter
 
 from . import data as u2a_data
 from .config import U2AConfig
-from .losses import completion_logps, kl_to_reference, nll_loss, unlearning_loss
-from .modeling import _is_bnb_4bit as is_bnb_4bit
+from .core.losses import completion_logps, kl_to_reference, nll_loss, unlearning_loss
+from .core.modeling import _is_bnb_4bit as is_bnb_4bit
+from .core.objectives import AlignmentObjective
+from .core.sampler import WeightedNegativeSampler
+from .core.weighting import WeightState
+from .refresh.sharding import Sharding
 from .safe_state import LEGACY_STATE_FILE, STATE_JSON, STATE_TENSORS, load_legacy_state, load_state, save_state
-from .sampler import WeightedNegativeSampler
-from .weighting import WeightState
+
+if TYPE_CHECKING:
+    from peft import PeftConfig, PeftModel
+    from transformers import BitsAndBytesConfig
 
 logger = get_logger(__name__)
 
@@ -76,21 +91,23 @@ class U2ATrainer(KTOTrainer):
     >>> trainer.train()
     ```
 
-    Args:
+    Args (TRL's order; `alignment_dataset` and `alignment_objective` by keyword):
         model: a model id or path, a `PreTrainedModel`, or a `PeftModel` (as for `trl.KTOTrainer`).
         ref_model: optional reference model; by default the start model (the disabled adapter under PEFT). Only
             `loss_type="npo"` (through cached reference log-probs) and `retain_loss="kl"` use it.
         args: a `U2AConfig`.
+        data_collator: not supported (the trainer collates its own rows); a clear error when given.
         train_dataset: negatives (and optional retain rows) in one of the formats of `trl_u2a.data`.
-        alignment_dataset: held-out preference pairs that define the alignment objective `J`. Without it the trainer
-            runs plain weighted unlearning with the initial weights.
-        alignment_objective: a custom objective (see `trl_u2a.objectives`) instead of the DPO loss on the pairs.
         eval_dataset: optional evaluation rows in a training format; the loss on them is unweighted.
         processing_class: the tokenizer; loaded from the model when omitted.
+        compute_metrics: not supported (see `trl-u2a evaluate`); a clear error when given.
         callbacks: extra `TrainerCallback`s.
         optimizers: `(optimizer, scheduler)`, as for `transformers.Trainer`.
         quantization_config: a `BitsAndBytesConfig` for QLoRA, when `model` is a path or hub id.
         peft_config: a `peft.PeftConfig` (e.g. `LoraConfig`) to train an adapter.
+        alignment_dataset: held-out preference pairs that define the alignment objective `J`. Without it the trainer
+            runs plain weighted unlearning with the initial weights.
+        alignment_objective: a custom objective (see `trl_u2a.core.objectives`) instead of the DPO loss on the pairs.
     """
 
     _tag_names: ClassVar[list[str]] = ["trl", "u2a", "unlearning"]
@@ -110,19 +127,35 @@ class U2ATrainer(KTOTrainer):
 
     def __init__(
         self,
-        model,
-        ref_model=None,
+        model: str | PreTrainedModel | PeftModel,
+        ref_model: PreTrainedModel | None = None,
         args: U2AConfig | None = None,
+        data_collator: DataCollator | None = None,
         train_dataset: Dataset | None = None,
-        alignment_dataset: Dataset | None = None,
         eval_dataset: Dataset | dict[str, Dataset] | None = None,
-        processing_class=None,
-        alignment_objective=None,
+        processing_class: PreTrainedTokenizerBase | ProcessorMixin | None = None,
+        compute_metrics: Callable[[EvalPrediction], dict] | None = None,
         callbacks: list[TrainerCallback] | None = None,
-        optimizers=(None, None),
-        quantization_config=None,
-        peft_config=None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        quantization_config: BitsAndBytesConfig | None = None,
+        peft_config: PeftConfig | None = None,
+        *,
+        alignment_dataset: Dataset | None = None,
+        alignment_objective: AlignmentObjective | None = None,
     ):
+        # TRL's positional order, so that a KTOTrainer/DPOTrainer call site ports as is; U2A's own inputs by keyword
+        if data_collator is not None:
+            raise ValueError(
+                "U2ATrainer does not take a data_collator: it tokenizes and collates its rows itself (completion "
+                "masks, negative ids and cached reference log-probs travel in the batch). Pass the data as a dataset "
+                "in one of the formats of docs/usage.md instead."
+            )
+        if compute_metrics is not None:
+            raise ValueError(
+                "U2ATrainer does not take compute_metrics: its evaluation logs the unlearning loss and log-probs of "
+                "eval_dataset. For harmful rate, J, preference accuracy and retain perplexity of a trained model, run "
+                "`trl-u2a evaluate` (docs/usage.md)."
+            )
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
             args = U2AConfig(output_dir=f"{os.path.basename(str(name)) or 'model'}-U2A")
@@ -176,14 +209,14 @@ class U2ATrainer(KTOTrainer):
             is_negative
         ]
         self.weight_state = WeightState.from_initial(initial)
-        self._negative_rows = torch.nonzero(is_negative).flatten()[torch.argsort(negative_ids[is_negative])]
+        self.negative_rows = torch.nonzero(is_negative).flatten()[torch.argsort(negative_ids[is_negative])]
         # The user's `id` column, if any, names the negatives in the trace
         self.negative_names = None
         if "id" in self.train_dataset.column_names:
             user_ids = self.train_dataset["id"]
-            self.negative_names = [user_ids[r] for r in self._negative_rows.tolist()]
-        self._retain_rows = torch.nonzero(~is_negative).flatten()
-        if args.retain_weight > 0 and len(self._retain_rows) == 0:
+            self.negative_names = [user_ids[r] for r in self.negative_rows.tolist()]
+        self.retain_rows = torch.nonzero(~is_negative).flatten()
+        if args.retain_weight > 0 and len(self.retain_rows) == 0:
             raise ValueError(
                 f"retain_weight={args.retain_weight} (loss_type={args.loss_type!r}) needs retain examples, but "
                 "train_dataset has none: add rows with label=True, or use the preference format (chosen = retain)."
@@ -198,7 +231,7 @@ class U2ATrainer(KTOTrainer):
         self.alignment_dataset = alignment_dataset
         self.refresh_callback = None
         if alignment_dataset is not None:
-            from .callback import U2ARefreshCallback
+            from .refresh import U2ARefreshCallback
 
             self.budget = args.budget_count(self.num_negatives)
             self.refresh_callback = U2ARefreshCallback(self, alignment_dataset, objective=alignment_objective)
@@ -269,7 +302,8 @@ class U2ATrainer(KTOTrainer):
         targets = [i for i, retain in enumerate(dataset["label"]) if not retain]
         if not targets:
             return [0.0] * len(dataset)
-        rows = u2a_data.padded_chunk(targets, self.accelerator.process_index, self.accelerator.num_processes)
+        sharding = Sharding(self.accelerator)
+        rows, _ = sharding.chunk(targets)
         values = []
         for start in tqdm(
             range(0, len(rows), batch_size),
@@ -283,14 +317,14 @@ class U2ATrainer(KTOTrainer):
             values.append(self.compute_ref_log_probs(model, batch)[0].float())
         local = torch.cat(values) if values else torch.zeros(0, device=self.accelerator.device)
         ref_logps = torch.zeros(len(dataset))
-        ref_logps[targets] = u2a_data.gather_chunks(self.accelerator, local, len(targets))
+        ref_logps[targets] = sharding.gather_chunks(local, len(targets))
         return ref_logps.tolist()
 
     def _get_train_sampler(self, train_dataset=None):
-        retain_rows = self._retain_rows if self.args.retain_weight > 0 else None
+        retain_rows = self.retain_rows if self.args.retain_weight > 0 else None
         global_batch = self.args.per_device_train_batch_size * self.accelerator.num_processes
         self._sampler = WeightedNegativeSampler(
-            negative_rows=self._negative_rows,
+            negative_rows=self.negative_rows,
             retain_rows=retain_rows,
             # Whole global batches: an epoch of `budget` draws would end on a partial batch (budget 49 at batch 8:
             # every 7th step trained one negative). The draws cycle through the selected negatives anyway.
@@ -344,9 +378,7 @@ class U2ATrainer(KTOTrainer):
         logps, lengths = completion_logps(per_token, completion_mask)
         ref_logps = inputs["ref_logps"].to(device) if "ref_logps" in inputs else None
 
-        losses = unlearning_loss(
-            self.loss_type, logps, lengths, ref_logps, self.args.beta, self.args.gamma, self.args.ga_reduction
-        )
+        losses = unlearning_loss(self.loss_type, logps, lengths, ref_logps, self.args.beta, self.args.gamma)
         is_negative = ~is_retain
         if self.args.weighting == "sampling" or mode == "eval":
             # Evaluation rows are not the training negatives: their ids do not index the training weights
@@ -383,11 +415,11 @@ class U2ATrainer(KTOTrainer):
         return loss
 
     def training_step(self, model, inputs, *args, **kwargs):
-        callback = self.refresh_callback
-        if callback is None or callback.ghost is None:
+        controller = self.refresh_callback.controller if self.refresh_callback is not None else None
+        if controller is None or not controller.scoring_in_training:
             return super().training_step(model, inputs, *args, **kwargs)
         # In-training scores: the training backward already holds each negative's output gradients
-        return callback.record_training_scores(
+        return controller.record_training_scores(
             inputs[u2a_data.NEGATIVE_ID],
             lambda: self._row_coefficients,
             lambda: super(U2ATrainer, self).training_step(model, inputs, *args, **kwargs),
@@ -507,11 +539,7 @@ class U2ATrainer(KTOTrainer):
         # Every option U2AConfig declares itself (its own knobs and the TRL defaults it overrides), in its order,
         # so a new option reaches the card without a list to keep in step; output switches say nothing of the model
         own = inspect.get_annotations(U2AConfig)
-        fields = [
-            f.name
-            for f in dataclasses.fields(U2AConfig)
-            if f.name in own and f.name not in ("save_refresh_plots", "train_sampling_strategy")
-        ]
+        fields = [f.name for f in dataclasses.fields(U2AConfig) if f.name in own and f.name != "save_refresh_plots"]
         rows = "\n".join(f"| `{name}` | `{getattr(args, name)}` |" for name in fields)
         lines = [
             "",

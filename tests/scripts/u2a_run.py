@@ -91,12 +91,12 @@ def install_kill(trainer, where: str, n: str) -> None:
 
         trainer.add_callback(Kill())
     elif where == "refresh":
-        import trl_u2a.callback as callback
+        import trl_u2a.refresh.controller as callback
 
         original = callback.refresh_weights
 
         def refresh_weights(*args, **kwargs):
-            if trainer.refresh_callback.refresh_index == n:
+            if trainer.refresh_callback.controller.refresh_index == n:
                 die()
             return original(*args, **kwargs)
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 from trl import ScriptArguments, TrlParser
 
+from trl_u2a.config import INERT_KTO_FIELDS
+
 TINY_MODEL = "trl-u2a/tiny"
 SYNTHETIC_DATASET = "trl-u2a/synthetic"
 
@@ -215,19 +217,6 @@ def _hint(name: str, valid: set[str], show: str) -> str:
     return show.format(name) + (f" (did you mean {show.format(close[0])}?)" if close else "")
 
 
-# KTO options that U2A inherits but never reads: hidden from `--help` (KTO's loss weights and reference-model sync;
-# the sampler and the reference-log-prob precompute are U2A's own)
-INERT_OPTIONS = (
-    "desirable_weight",
-    "undesirable_weight",
-    "sync_ref_model",
-    "ref_model_mixup_alpha",
-    "ref_model_sync_steps",
-    "precompute_ref_log_probs",
-    "train_sampling_strategy",
-)
-
-
 def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
     from trl import ModelConfig
 
@@ -252,7 +241,7 @@ def _arrange_help(parser: argparse.ArgumentParser, config_class) -> None:
         "U2A options", "The unlearning loss and the bi-level reweighting (docs/usage.md, 'Choosing the knobs')."
     )
     for action in parser._actions:
-        if action.dest in INERT_OPTIONS:
+        if action.dest in INERT_KTO_FIELDS:
             action.help = argparse.SUPPRESS
         elif action.dest in own and action.dest not in ("learning_rate",):
             for other in parser._action_groups:

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 
 LOSS_TYPES = ("ga", "graddiff", "npo", "simnpo")
+# `beta` of each loss when none is given: NPO's inverse temperature, SimNPO's (docs/method.md); ga/graddiff ignore it
+DEFAULT_BETA = {"ga": 0.1, "graddiff": 0.1, "npo": 0.1, "simnpo": 4.5}
 NEEDS_REFERENCE = ("npo",)
 
 

@@ -89,7 +89,7 @@ class DPOObjective(AlignmentObjective):
         _check_keys(
             batch,
             ("ref_chosen_logps", "ref_rejected_logps"),
-            " (reference log-probs: fill them once with `trl_u2a.objectives.reference_logps`)",
+            " (reference log-probs: fill them once with `trl_u2a.core.objectives.reference_logps`)",
         )
         logps_w, _, logps_l, _ = chosen_rejected_logps(model, batch)
         ref_w = batch["ref_chosen_logps"].to(logps_w)

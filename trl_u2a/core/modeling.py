@@ -17,6 +17,10 @@ import torch
 
 from .losses import completion_logps
 
+# Optional bool `(B,)` entry of a batch: rows that a rank runs only so that every rank runs the same forwards
+# (ZeRO-3 and FSDP2 gather the parameters in collectives inside each forward); their losses are dropped.
+PADDING = "padding"
+
 
 def sequence_logps(
     model: torch.nn.Module,

@@ -1,0 +1,618 @@
+"""`RefreshController`: U2A's periodic bi-level refresh, which scores, selects and reweights the negatives.
+
+Before the first step or after the warm-up (the initial pass), then after the steps of `core.schedule.refresh_steps`
+(or every `reweight_steps`):
+
+1. `v = P⁻¹∇J` on the alignment set (or a sample of its pairs), pairs sharded across ranks, `∇J` all-reduced; at an
+   initial pass at step 0, Adam's second moments are estimated from a few batches (the optimizer has no state yet);
+2. scores `s_i = ⟨v, ∇ℓ_i⟩` of the candidates, all with ONE query vector (a ranking never mixes scales): every
+   negative at the initial pass. Later, with in-training scores, the ranking uses the query the trained negatives
+   were scored with during the window (the previous refresh's): it scores the exploration pool with it too, carries
+   the selected negatives not trained since, and installs the new `v` for the next window. Without in-training
+   scores, the selected negatives and the pool are scored with the new `v`. Candidates are sharded across ranks and
+   the scores gathered;
+3. selection of the top-`budget` positive scores and the tempered mirror-ascent update (`core.weighting`), computed
+   identically on every rank.
+
+Every collective runs on every rank in the same order, whatever the data. Only the main process writes files. The
+controller talks to the training loop through `RefreshHost` only; `refresh.callback` adapts a `U2ATrainer` to it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+from accelerate.logging import get_logger
+from torch import nn
+
+from ..core.modeling import PADDING, move_batch, sequence_logps
+from ..core.objectives import AlignmentObjective, reference_logps
+from ..core.sampler import mix_seed
+from ..core.schedule import fixed_steps, refresh_rows, refresh_steps
+from ..core.weighting import refresh_weights
+from ..influence import (
+    GhostDotProduct,
+    QueryVector,
+    compute_query,
+    gradient_second_moments,
+    make_unlearning_loss_fn,
+    resolve_tracking,
+    score_dataset,
+    scoring_mode,
+    tracked_parameters,
+)
+from .guards import CollapseGuard, StopRule
+from .host import RefreshHost
+from .record import RefreshRecord, TraceWriter
+
+logger = get_logger(__name__)
+
+RETAIN_SAMPLE = 64
+# Mean |s| below which the scores are reported as negligible (memorised negatives: near-zero gradients)
+NEGLIGIBLE_SCORE_SCALE = 1e-8
+
+
+class RefreshController:
+    """The refresh's state and steps, driven by a training loop through `begin`, `step_end`, `end` and
+    `record_training_scores`.
+
+    Args:
+        host: the training loop (`RefreshHost`).
+        pairs: the tokenized alignment pairs (`data.tokenize_pairs`), `P` of them.
+        pair_collator: collates pairs into `chosen_*`/`rejected_*` batches (`data.PairCollator`).
+        objective: the alignment objective `J` (`core.objectives`).
+        in_training: score the trained negatives during the training backward (ghost hooks) instead of at refreshes.
+        rows_per_step: rows one optimizer step trains (all ranks): the unit of the automatic pool, pair sample and
+            cadence.
+    """
+
+    def __init__(
+        self,
+        host: RefreshHost,
+        pairs: list[dict],
+        pair_collator,
+        objective: AlignmentObjective,
+        in_training: bool,
+        rows_per_step: int,
+    ):
+        args = host.args
+        self.host = host
+        self.pairs = pairs
+        world = host.sharding.world
+        if len(pairs) < world:
+            raise ValueError(
+                f"alignment_dataset has {len(pairs)} pairs but the run has {world} processes; every process needs "
+                "at least one pair."
+            )
+        if args.pa_samples is not None and args.pa_samples > len(pairs):
+            raise ValueError(
+                f"pa_samples={args.pa_samples} is larger than the {len(pairs)} pairs of alignment_dataset; use "
+                f"pa_samples ≤ {len(pairs)} or None (automatic)."
+            )
+        self.rows_per_step = rows_per_step
+        self.pool_size = rows_per_step if args.pool_size is None else args.pool_size
+        self.pairs_first = len(pairs) if args.pa_samples is None else args.pa_samples
+        self.pairs_later = min(len(pairs), rows_per_step) if args.pa_samples is None else args.pa_samples
+        self.schedule: set[int] = set()  # optimizer steps after which a refresh runs (`begin`)
+        self.initial_step = 0  # the step after which the initial pass runs (`reweight_warmup_steps`)
+        self.pair_collator = pair_collator
+        self.objective = objective
+        self.loss_fn = make_unlearning_loss_fn(args.loss_type, args.beta, args.gamma)
+        self.batch_size = args.scoring_batch_size or args.per_device_train_batch_size
+        self.in_training = in_training
+        self.trace = TraceWriter(args.output_dir)
+        self.stop_rule = StopRule(args.patience, args.retain_nll_tolerance)
+        self.collapse_guard = CollapseGuard(enabled=args.retain_nll_tolerance is not None and not host.is_sharded)
+
+        self.refresh_index = 0  # refreshes done
+        self.history: list[RefreshRecord] = []
+        self.ref_pair_logps: torch.Tensor | None = None  # (P, 2): log π_0 of chosen and rejected
+        # In-training scores since the last refresh on this rank: id -> ((micro-batch, global row), score)
+        self.fresh_scores: dict[int, tuple] = {}
+        self._micro_batches = 0
+        self.query: QueryVector | None = None  # v of the last refresh
+        self.ghost: GhostDotProduct | None = None
+        self._lr_sum = 0.0
+        self._warned_no_retain = False
+        self._window_start: float | None = None  # when the last refresh ended (wall clock of this process)
+
+    # ---------------------------------------------------------------- driving
+    def begin(self, step: int, max_steps: int) -> RefreshRecord | None:
+        """At the start of training (or of a resumed run): plan the refreshes, take the pairs' reference log-probs,
+        and run the initial pass when it is due now. Returns its record, if any."""
+        warmup = self.host.args.reweight_warmup_steps
+        self.initial_step = min(int(warmup * max_steps) if warmup < 1 else int(warmup), max_steps - 1)
+        self.schedule = set(self._plan(max_steps))
+        self._window_start = time.perf_counter()
+        if self.ref_pair_logps is None and getattr(self.objective, "needs_reference", False):
+            # Before any optimizer step: without a reference model or adapter, the policy now IS the start model
+            with scoring_mode(self.host.policy()) as model:
+                self.ref_pair_logps = self._reference_pair_logps(model)
+        if self.refresh_index == 0 and step == self.initial_step:
+            return self.refresh(step)
+        if self.in_training and self.query is not None:
+            self._attach_ghost()  # resumed: keep scoring trained negatives with the restored v
+        return None
+
+    def step_end(self, step: int, stopping: bool) -> RefreshRecord | None:
+        """After optimizer step `step`: run a refresh when one is due (not when training stops anyway)."""
+        self._lr_sum += self.host.learning_rate()
+        due = step in self.schedule if self.refresh_index else step == self.initial_step
+        if due and not stopping:
+            return self.refresh(step)
+        return None
+
+    def end(self, step: int) -> None:
+        """At the end of training: detach the hooks, report the cost, and record J after the last window."""
+        if self.ghost is not None:
+            self.ghost.detach()
+            self.ghost = None
+        cost = self._report_cost()
+        if self.history and self.history[-1]["step"] < step:
+            # J after the last window, so that every refresh has its realised change (no scoring: weights are final)
+            self.host.log_metrics({"u2a/objective": self._final_objective(step, cost)})
+        elif self.history:
+            self.history[-1].update(cost)
+
+    # ---------------------------------------------------------------- refresh
+    def refresh(self, step: int) -> RefreshRecord:
+        """One refresh after `step` optimizer steps; returns its record (also appended to `history`). A record with
+        `stopped` asks the training loop to stop."""
+        started = time.perf_counter()
+        host, args = self.host, self.host.args
+        model = host.policy()
+        generator = torch.Generator().manual_seed(mix_seed(args.seed, self.refresh_index))
+        if self.ghost is not None:
+            self.ghost.detach()
+            self.ghost = None
+
+        # With in-training scores, the trained negatives were scored with the previous refresh's query: the ranking
+        # uses that query for every candidate (one scale), and the new one scores the next window
+        lagged = self.in_training and self.query is not None
+        with scoring_mode(model):
+            if self.ref_pair_logps is None and getattr(self.objective, "needs_reference", False):
+                # `begin` takes them before the first step; a refresh called on its own takes them now
+                self.ref_pair_logps = self._reference_pair_logps(model)
+            second_moments = None
+            if args.preconditioner == "adam" and args.preconditioner_batches > 0 and step == 0:
+                second_moments = gradient_second_moments(model, self.loss_fn, self._dry_batches(generator))
+            query = compute_query(
+                model,
+                self.objective,
+                self._pair_batches(model, generator, self.pairs_first if self.refresh_index == 0 else self.pairs_later),
+                preconditioner=args.preconditioner,
+                damping=args.damping,
+                optimizer=host.optimizer,
+                second_moments=second_moments,
+            )
+            query.refresh = self.refresh_index
+            ranking_query = self.query if lagged else query
+            candidates, fresh_ids, fresh_scores = self._candidates(generator, lagged)
+            scores = self._score(model, ranking_query, candidates)
+            retain_nll = self._retain_nll(model) if args.retain_nll_tolerance is not None else None
+
+        ids = torch.cat([candidates, fresh_ids])
+        all_scores = torch.cat([scores.double(), fresh_scores])
+        record: RefreshRecord = {
+            "refresh": self.refresh_index,
+            "step": step,
+            "objective": query.objective_value,
+            "num_pairs": query.num_pairs,
+            "preconditioner": query.preconditioner,
+            "ranked_with_query_of": ranking_query.refresh,
+            "ranking_preconditioner": ranking_query.preconditioner,
+            "num_scored": len(candidates),
+            "num_scored_in_training": len(fresh_ids),
+            "retain_nll": retain_nll,
+        }
+        if self.history:
+            self._close_window(self.history[-1], query.objective_value)
+        self._lr_sum = 0.0
+        self._select(record, ids, all_scores)
+        self.query = query
+        self.fresh_scores = {}
+        if self.in_training:
+            self._attach_ghost()
+        reason = self.stop_rule.check(record)
+        if reason is not None:
+            record["stopped"] = reason
+            logger.warning(f"U2A early stop at step {step}: {reason}.", main_process_only=True)
+        if record.get("collapsed"):
+            restored = self.collapse_guard.restore(model)
+            if restored is not None:
+                record["restored_step"] = restored
+        else:
+            self.collapse_guard.snapshot(model, step)
+        self._time(record, started)
+        self._log(record, ids, all_scores)
+        self.history.append(record)
+        self.refresh_index += 1
+        return record
+
+    def _select(self, record: RefreshRecord, ids: torch.Tensor, scores: torch.Tensor) -> None:
+        """Select and reweight from `scores` `(m,)` of negatives `ids` `(m,)` into `record` and the host's weights;
+        skip non-finite refreshes, and stop when no negative is predicted to help any more."""
+        host, args = self.host, self.host.args
+        finite = torch.isfinite(scores)
+        if not math.isfinite(record["objective"]) or not bool(finite.all()):
+            record["skipped"] = (
+                f"non-finite alignment objective ({record['objective']}) or scores "
+                f"({int((~finite).sum())} of {len(scores)})"
+            )
+            logger.warning(
+                f"U2A refresh {self.refresh_index} at step {record['step']} skipped: {record['skipped']}. The "
+                "weights stay as they were.",
+                main_process_only=True,
+            )
+            return
+        new_state, info = refresh_weights(
+            host.weight_state,
+            ids,
+            scores,
+            host.budget,
+            weight_lr=args.weight_lr,
+            score_clip=args.score_clip,
+            max_weight=args.max_weight,
+            sparsity=args.sparsity,
+        )
+        record.update(info)
+        if info["n_selected"] == 0:
+            if self.refresh_index == 0:
+                raise ValueError(
+                    f"No negative has a positive influence score at the initial pass ({len(ids)} scored, mean "
+                    f"|s| = {info['score_scale']:.3g}): unlearning any of them is predicted to raise the alignment "
+                    "loss J. Check that alignment_dataset's rejected responses resemble the negatives, and that "
+                    "the start model is not untrained or memorised."
+                )
+            # The brake of re-selection: nothing is predicted to help any more, so stop with the last weights
+            record["stopped"] = "no negative has a positive influence score any more"
+            logger.warning(
+                f"U2A early stop at step {record['step']}: {record['stopped']}; the weights stay as they were.",
+                main_process_only=True,
+            )
+        else:
+            host.set_weights(new_state)
+        if info["score_scale"] < NEGLIGIBLE_SCORE_SCALE:
+            logger.warning(
+                f"U2A refresh {self.refresh_index}: the scores are negligible (mean |s| = {info['score_scale']:.3g}). "
+                "The model may have memorised its negatives (near-zero gradients), and the selection is then noise.",
+                main_process_only=True,
+            )
+
+    def _close_window(self, previous: RefreshRecord, objective: float) -> None:
+        """J at the end of the window that `previous` opened, and its predicted change."""
+        previous["objective_next"] = objective
+        previous["realised_change"] = objective - previous["objective"]
+        previous["predicted_change"] = -self._lr_sum * previous.get("predicted_gain", 0.0)
+
+    def _time(self, record: RefreshRecord, started: float) -> None:
+        """Record the refresh's wall time and that of the training window before it (this process's clock)."""
+        now = time.perf_counter()
+        record["refresh_seconds"] = now - started
+        if self._window_start is not None:
+            record["window_seconds"] = started - self._window_start
+        self._window_start = now
+
+    def _plan(self, max_steps: int) -> list[int]:
+        """The steps after which a refresh runs: `reweight_steps`, or the overhead-bounded schedule. Warns once when a
+        fixed cadence costs more than `reweight_overhead` of the training compute."""
+        args = self.host.args
+        # With in-training scores a refresh scores the pool and ∇J; without, also every selected negative
+        rescored = 0 if self.in_training else self.host.budget
+        rows = refresh_rows(self.pairs_later, self.pool_size, rescored)
+        if args.reweight_steps is None:
+            steps = refresh_steps(max_steps, self.rows_per_step, rows, args.reweight_overhead, start=self.initial_step)
+            logger.info(
+                f"U2A: {len(steps)} refreshes after the initial pass, after steps {steps} of {max_steps} (each about "
+                f"{rows} row passes, {args.reweight_overhead:.0%} of the training compute in all).",
+                main_process_only=True,
+            )
+            return steps
+        share = rows / (args.reweight_steps * self.rows_per_step)
+        if share > args.reweight_overhead:
+            logger.warning(
+                f"reweight_steps={args.reweight_steps}: each refresh costs about {rows} row passes (2 x "
+                f"{self.pairs_later} alignment pairs + a pool of {self.pool_size} + {rescored} rescored negatives), "
+                f"{share:.0%} of the {args.reweight_steps} x {self.rows_per_step} rows trained between two refreshes, "
+                f"above reweight_overhead={args.reweight_overhead}. Leave reweight_steps=None to place the refreshes "
+                "within that bound, or raise reweight_steps or the effective batch (docs/usage.md).",
+                main_process_only=True,
+            )
+        return fixed_steps(max_steps, args.reweight_steps, start=self.initial_step)
+
+    def _report_cost(self) -> dict[str, float]:
+        """What reweighting cost, logged and returned for the last record: the initial pass as a multiple of one
+        training pass over its candidates, and the later refreshes as a share of the training time."""
+        records = [r for r in self.history if r.get("refresh") is not None]
+        if not records:
+            return {}
+        windows = sum(r.get("window_seconds", 0.0) for r in records)
+        trained_rows = records[-1]["step"] * self.rows_per_step
+        if windows <= 0 or trained_rows <= 0:
+            return {}
+        initial = records[0]
+        seconds_per_row = windows / trained_rows
+        cost = {
+            "initial_pass_seconds": initial["refresh_seconds"],
+            "initial_pass_multiple": initial["refresh_seconds"] / (seconds_per_row * max(1, initial["num_scored"])),
+            "reweight_share": sum(r["refresh_seconds"] for r in records[1:]) / windows,
+        }
+        logger.info(
+            f"U2A reweighting cost: the initial pass {cost['initial_pass_seconds']:.1f} s "
+            f"({cost['initial_pass_multiple']:.2f}x one training pass over its {initial['num_scored']} candidates); "
+            f"the {len(records) - 1} later refreshes {cost['reweight_share']:.1%} of the training time.",
+            main_process_only=True,
+        )
+        return cost
+
+    def _final_objective(self, step: int, extra: dict[str, Any]) -> float:
+        """`J` of the current model on the alignment pairs (no gradient), recorded with `extra` as the final point of
+        `history`."""
+        model = self.host.policy()
+        generator = torch.Generator().manual_seed(mix_seed(self.host.args.seed, self.refresh_index))
+        total = torch.zeros(2, dtype=torch.float64)
+        with scoring_mode(model), torch.no_grad():
+            for batch in self._pair_batches(model, generator, self.pairs_first):
+                losses = self.objective(model, batch)[~batch[PADDING]]
+                total += torch.tensor([losses.double().sum().item(), len(losses)], dtype=torch.float64)
+        total = self.host.sharding.reduce_sum(total)
+        value = float(total[0] / total[1])
+        self._close_window(self.history[-1], value)
+        final: RefreshRecord = {"refresh": None, "step": step, "objective": value, "final": True, **extra}
+        self.history.append(final)
+        if self.host.sharding.is_main_process:
+            self.trace.write_record(final)
+        return value
+
+    # ---------------------------------------------------------------- batches
+    def _pair_batches(self, model: nn.Module, generator: torch.Generator, sample: int) -> list[dict]:
+        """This rank's share of `sample` alignment pairs drawn with `generator` (all of them when `sample` is the
+        number of pairs), collated, with their reference log-probs."""
+        num_pairs = len(self.pairs)
+        order = torch.arange(num_pairs)
+        if sample < num_pairs:
+            order = torch.randperm(num_pairs, generator=generator)[:sample].sort().values
+        local, padding = self.host.sharding.chunk(order.tolist())
+        batches = []
+        for start in range(0, len(local), self.batch_size):
+            rows = local[start : start + self.batch_size]
+            batch = self.pair_collator([self.pairs[i] for i in rows])
+            batch[PADDING] = padding[start : start + self.batch_size]
+            if self.ref_pair_logps is not None:
+                batch["ref_chosen_logps"] = self.ref_pair_logps[rows, 0]
+                batch["ref_rejected_logps"] = self.ref_pair_logps[rows, 1]
+            batches.append(move_batch(batch, _device(model)))
+        return batches
+
+    def _reference_pair_logps(self, model: nn.Module) -> torch.Tensor:
+        """`log π_0` of every pair's chosen and rejected completion, `(P, 2)`, computed once (saved in checkpoints):
+        the host's reference model, or the policy under the host's reference context, or the policy itself (this
+        runs before any optimizer step)."""
+        reference, context = self.host.reference()
+        if reference is not None:
+            model = reference
+        num_pairs = len(self.pairs)
+        rows, _ = self.host.sharding.chunk(list(range(num_pairs)))
+        batches = [
+            move_batch(
+                self.pair_collator([self.pairs[i] for i in rows[start : start + self.batch_size]]), _device(model)
+            )
+            for start in range(0, len(rows), self.batch_size)
+        ]
+        filled = reference_logps(model, batches, reference_context=context)
+        local = torch.cat([torch.stack([b["ref_chosen_logps"], b["ref_rejected_logps"]], dim=1) for b in filled])
+        return self.host.sharding.gather_chunks(local.float(), num_pairs)
+
+    def _dry_batches(self, generator: torch.Generator) -> list[dict]:
+        """`preconditioner_batches` random batches of the negatives that can be selected, each of the size of one
+        global training micro-batch, this rank's share of each (padding marked): to estimate Adam's second moments."""
+        host = self.host
+        eligible = torch.nonzero(host.weight_state.weights > 0).flatten()
+        size = host.args.per_device_train_batch_size * host.sharding.world
+        draws = host.args.preconditioner_batches * size
+        order = torch.cat(
+            [eligible[torch.randperm(len(eligible), generator=generator)] for _ in range(-(-draws // len(eligible)))]
+        )[:draws]
+        device = _device(host.policy())
+        batches = []
+        for start in range(0, draws, size):
+            local, padding = host.sharding.chunk(order[start : start + size].tolist())
+            batch = host.negative_batches(local, len(local), device)[0]
+            batch[PADDING] = padding.to(device)
+            batches.append(batch)
+        return batches
+
+    def _candidates(self, generator: torch.Generator, lagged: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Negatives to score now, and the (ids, scores) scored during training since the last refresh (all ranks).
+
+        `lagged`: the ranking uses the in-training query, so the selected negatives not trained since the last refresh
+        are carried rather than rescored; otherwise every selected negative is rescored with the new query."""
+        weights = self.host.weight_state.weights
+        if self.refresh_index == 0:
+            # The initial weights (a `weight` column) may exclude negatives from the start
+            eligible = torch.nonzero(weights > 0).flatten()
+            return eligible, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
+        merged: dict[int, tuple] = {}
+        for part in self.host.sharding.gather_object(self.fresh_scores):
+            for i, entry in part.items():
+                if i not in merged or entry[0] > merged[i][0]:
+                    merged[i] = entry
+        fresh_ids = torch.tensor(sorted(i for i in merged if weights[i] > 0), dtype=torch.long)
+        fresh_scores = torch.tensor([merged[int(i)][1] for i in fresh_ids], dtype=torch.float64)
+        stale = torch.zeros(0, dtype=torch.long)
+        if not lagged:
+            selected = torch.nonzero(weights > 0).flatten()
+            stale = selected[~torch.isin(selected, fresh_ids)]
+        unselected = torch.nonzero(weights <= 0).flatten()
+        pool_size = min(self.pool_size, len(unselected))
+        pool = unselected[torch.randperm(len(unselected), generator=generator)[:pool_size]].sort().values
+        return torch.cat([stale, pool]), fresh_ids, fresh_scores
+
+    def _score(self, model: nn.Module, query: QueryVector, candidates: torch.Tensor) -> torch.Tensor:
+        """Scores of `candidates` `(m,)`: each rank scores a contiguous chunk, padded to equal size, then gathered."""
+        m = len(candidates)
+        # At least one entry, so that every rank still takes part in the gather when there is nothing to score
+        chunk, _ = self.host.sharding.chunk(candidates.tolist(), min_size=1)
+        scores = torch.zeros(max(1, len(chunk)), dtype=torch.float32)
+        if m:
+            # Collated on the CPU: `score_dataset` moves one batch at a time to the device (all of them at once
+            # would hold every candidate there at refresh 0)
+            batches = self.host.negative_batches(chunk, self.batch_size, torch.device("cpu"))
+            scores = score_dataset(
+                model,
+                batches,
+                self.loss_fn,
+                query,
+                desc=f"U2A refresh {self.refresh_index}",
+                disable_progress=self.host.args.disable_tqdm,
+            ).cpu()
+        return self.host.sharding.gather_chunks(scores, m)
+
+    def _retain_nll(self, model: nn.Module) -> float | None:
+        """Token-mean NLL of a fixed sample of retain examples (the guard against gradient-ascent collapse)."""
+        host = self.host
+        if host.num_retain == 0:
+            if not self._warned_no_retain:
+                logger.warning("retain_nll_tolerance is set but train_dataset has no retain rows; it is ignored.")
+                self._warned_no_retain = True
+            return None
+        local, padding = host.sharding.chunk(list(range(min(RETAIN_SAMPLE, host.num_retain))))
+        total = torch.zeros(2, dtype=torch.float64)
+        with torch.no_grad():
+            batches = host.retain_batches(local, self.batch_size, _device(model))
+            for start, batch in zip(range(0, len(local), self.batch_size), batches):
+                logps, lengths = sequence_logps(
+                    model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+                )
+                real = ~padding[start : start + self.batch_size].to(logps.device)
+                logps, lengths = logps[real], lengths[real]
+                total += torch.stack(
+                    [
+                        (-logps / lengths.clamp(min=1)).sum().double().cpu(),
+                        torch.tensor(len(logps), dtype=torch.float64),
+                    ]
+                )
+        total = host.sharding.reduce_sum(total)
+        return float(total[0] / total[1])
+
+    # ---------------------------------------------------------- in-training
+    def _attach_ghost(self) -> None:
+        model = self.host.policy()
+        if not resolve_tracking(model).covers(self.query):
+            # e.g. DoRA: its weights act outside the module calls the ghost hooks see, so scoring is brute force
+            logger.info(
+                "in_training_scores is off: the query covers parameters the ghost scorer cannot hook.",
+                main_process_only=True,
+            )
+            self.in_training = False
+            return
+        self.ghost = GhostDotProduct(model, self.query, active=False)
+
+    @property
+    def scoring_in_training(self) -> bool:
+        """Whether the next training backward should go through `record_training_scores`."""
+        return self.ghost is not None
+
+    def record_training_scores(self, negative_ids: torch.Tensor, coefficients, run_backward):
+        """Run `run_backward()` (a training forward+backward) while recording the in-training scores of its rows.
+
+        Row `i` records `c_i s_i` where `c_i` is its coefficient in the backpropagated loss (`coefficients()`, read
+        after the backward, `(B,)`); `s_i` is recovered for rows with `c_i > 0` (negatives with positive weight) and
+        kept until the next refresh, with its position in the global batch sequence so that merging the ranks keeps
+        the latest score, as a one-process run would.
+        """
+        if self.ghost is None:
+            return run_backward()
+        with self.ghost.recording():
+            result = run_backward()
+        recorded = self.ghost.scores(batch_size=len(negative_ids)).double().cpu()
+        coefficients = coefficients().double().cpu()
+        offset = self.host.sharding.rank * len(negative_ids)
+        rows = torch.nonzero(coefficients > 0).flatten()
+        # One conversion per micro-batch, not two scalar reads per row
+        ids = negative_ids.cpu()[rows].tolist()
+        scores = (recorded[rows] / coefficients[rows]).tolist()
+        for i, negative_id, score in zip(rows.tolist(), ids, scores):
+            self.fresh_scores[negative_id] = ((self._micro_batches, offset + i), score)
+        self._micro_batches += 1
+        return result
+
+    # ---------------------------------------------------------------- output
+    def _log(self, record: RefreshRecord, ids: torch.Tensor, scores: torch.Tensor) -> None:
+        metrics = {}
+        for key in (
+            "objective",
+            "n_selected",
+            "entropy",
+            "score_median",
+            "score_q25",
+            "score_q75",
+            "score_scale",
+            "fraction_positive",
+            "predicted_gain",
+            "retain_nll",
+            "refresh_seconds",
+        ):
+            value = record.get(key)
+            if value is not None:
+                metrics[f"u2a/{key}"] = float(value)
+        if self.history and "realised_change" in self.history[-1]:
+            metrics["u2a/objective_change"] = self.history[-1]["realised_change"]
+            metrics["u2a/objective_change_predicted"] = self.history[-1]["predicted_change"]
+        self.host.log_metrics(metrics)
+        if self.host.sharding.is_main_process:
+            record["weights"] = self.host.weight_state.weights.tolist()
+            record["last_scores"] = dict(zip(ids.tolist(), scores.tolist()))
+            self.trace.write_rows(record, record["last_scores"], record["weights"], self.host.negative_names)
+            self.trace.write_record(record)
+
+    # ------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "refresh_index": self.refresh_index,
+            "history": self.history,
+            "ref_pair_logps": self.ref_pair_logps,
+            "lr_sum": self._lr_sum,
+            "micro_batches": self._micro_batches,
+            "fresh_scores": self.host.sharding.gather_object(self.fresh_scores),
+            **self.stop_rule.state_dict(),
+        }
+        if self.query is not None and self.in_training:
+            state["query"] = [
+                self.query[p].cpu() if p in self.query else None
+                for p in tracked_parameters(self.host.policy(), warn=False)
+            ]
+            state["query_attrs"] = {
+                k: getattr(self.query, k) for k in ("objective_value", "num_pairs", "preconditioner", "refresh")
+            }
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.refresh_index = state["refresh_index"]
+        self.history = state["history"]
+        if self.host.sharding.is_main_process:
+            self.trace.truncate(self.refresh_index)
+        self.ref_pair_logps = state["ref_pair_logps"]
+        self.stop_rule.load_state_dict(state)
+        self._lr_sum = state["lr_sum"]
+        self._micro_batches = state["micro_batches"]
+        rank = self.host.sharding.rank
+        parts = state["fresh_scores"]
+        self.fresh_scores = dict(parts[rank]) if rank < len(parts) else {}
+        if "query" in state:
+            query = QueryVector()
+            for p, v in zip(tracked_parameters(self.host.policy(), warn=False), state["query"]):
+                if v is not None:
+                    query[p] = v.to(p.device)
+            for k, v in state["query_attrs"].items():
+                setattr(query, k, v)
+            self.query = query
+
+
+def _device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")

@@ -1,0 +1,124 @@
+"""The record of one refresh (`RefreshRecord`) and the JSONL trace files the main process writes.
+
+`output_dir/u2a_refreshes.jsonl` holds one record per refresh (and a final one with `final: true`);
+`output_dir/u2a_trace.jsonl` one row per scored or selected negative per refresh (`refresh, step, example_id, score,
+weight`, and the user's `id` when the training data has that column).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, TypedDict
+
+TRACE_FILE = "u2a_trace.jsonl"
+REFRESH_FILE = "u2a_refreshes.jsonl"
+IN_MEMORY_ONLY = ("weights", "last_scores")
+
+
+class RefreshRecord(TypedDict, total=False):
+    """One refresh, as kept in `history`, logged and written to `u2a_refreshes.jsonl` (a plain dict: JSON as is).
+
+    The selection statistics (`n_candidates` ... `predicted_gain`) come from `core.weighting.refresh_weights`.
+    """
+
+    refresh: int | None  # index; None on the final record
+    step: int  # optimizer steps done when it ran
+    final: bool  # the record of J after the last window (no selection)
+    objective: float  # J on the alignment pairs
+    num_pairs: int  # pairs behind ∇J
+    preconditioner: str  # the one applied to this refresh's query
+    ranked_with_query_of: int  # the refresh whose query scored every candidate of this ranking
+    ranking_preconditioner: str
+    num_scored: int  # candidates scored now
+    num_scored_in_training: int  # candidates scored during the window (in-training scores)
+    retain_nll: float | None
+    objective_next: float  # J at the next refresh
+    realised_change: float  # objective_next - objective
+    predicted_change: float  # -(Σ learning rates of the window) · predicted_gain
+    n_candidates: int
+    n_stale: int
+    n_carried: int
+    n_selected: int
+    n_new: int
+    n_dropped: int
+    n_positive: int
+    fraction_positive: float
+    score_min: float
+    score_q25: float
+    score_median: float
+    score_q75: float
+    score_max: float
+    score_scale: float
+    score_std: float
+    entropy: float
+    effective_n: float
+    weight_max: float
+    weight_min: float
+    fraction_clipped: float
+    predicted_gain: float
+    skipped: str  # why the weights were left as they were
+    stopped: str  # why training stopped here
+    collapsed: bool  # the retain-NLL guard fired
+    restored_step: int  # the step whose parameters were restored after a collapse
+    refresh_seconds: float
+    window_seconds: float
+    initial_pass_seconds: float
+    initial_pass_multiple: float
+    reweight_share: float
+    # In memory on the main process only (for plots and callers), never written to the JSONL
+    weights: list[float]  # (N,) the weights after this refresh
+    last_scores: dict[int, float]  # negative id -> score, of the candidates of this refresh
+
+
+class TraceWriter:
+    """Appends refreshes to the JSONL files of `output_dir` (call it on the main process only)."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+
+    def _append(self, name: str, rows: list[dict[str, Any]]) -> None:
+        os.makedirs(self.output_dir, exist_ok=True)
+        with open(os.path.join(self.output_dir, name), "a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+
+    def write_record(self, record: RefreshRecord) -> None:
+        self._append(REFRESH_FILE, [{k: v for k, v in record.items() if k not in IN_MEMORY_ONLY}])
+
+    def write_rows(
+        self,
+        record: RefreshRecord,
+        scores: dict[int, float],
+        weights: list[float],
+        names: list[str] | None,
+    ) -> None:
+        """One row per negative scored in this refresh or selected after it (`weights[i] > 0`), by id."""
+        rows = []
+        for i in sorted(set(scores) | {i for i, w in enumerate(weights) if w > 0}):
+            row = {
+                "refresh": record["refresh"],
+                "step": record["step"],
+                "example_id": i,
+                "score": scores.get(i),
+                "weight": weights[i],
+            }
+            if names is not None:
+                row["id"] = names[i]
+            rows.append(row)
+        self._append(TRACE_FILE, rows)
+
+    def truncate(self, refresh_index: int) -> None:
+        """Drop what was written after a checkpoint (refreshes `>= refresh_index` and the final record), so that a
+        resumed run does not repeat them."""
+        for name in (TRACE_FILE, REFRESH_FILE):
+            path = os.path.join(self.output_dir, name)
+            if not os.path.isfile(path):
+                continue
+            with open(path) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            with open(path, "w") as f:
+                f.writelines(
+                    json.dumps(row) + "\n"
+                    for row in rows
+                    if row.get("refresh") is not None and row["refresh"] < refresh_index
+                )
