@@ -200,9 +200,11 @@ def test_eval_dataset_with_more_negatives_than_training_is_unweighted(tiny_model
         train_dataset=preference_dataset,
         eval_dataset=bigger,
     )
+    # NPO at the start model (its own reference) is exactly 2 ln 2 / β on every row, whatever the row's id
+    before = trainer.evaluate()
+    assert before["eval_loss"] == pytest.approx(2 * math.log(2) / trainer.args.beta, rel=1e-4)
     trainer.train()
     metrics = trainer.evaluate()
-    # NPO at the start model is 2 ln 2 / β; after two steps the eval loss is finite and close to it
     assert math.isfinite(metrics["eval_loss"]) and "eval_loss/negatives" in metrics
 
 
@@ -212,7 +214,11 @@ def test_unpaired_and_negatives_only_formats(tiny_model_path, tmp_path, unpaired
     negatives_only = Dataset.from_dict({"prompt": PROMPTS, "completion": REJECTED})
     trainer = _trainer(tiny_model_path, tmp_path, negatives_only, loss_type="simnpo")
     assert trainer.num_negatives == 6 and len(trainer.retain_rows) == 0
+    before = [p.detach().clone() for p in trainer.model.parameters() if p.requires_grad]
     trainer.train()
+    after = [p.detach() for p in trainer.model.parameters() if p.requires_grad]
+    assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(after, before)), "training on negatives only changed nothing"
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """A deterministic, seeded assistant task: the project's offline benchmark for U2A (no hub, no downloads).
 
-The splits follow the paper's setup (METHOD.md, "What the paper evaluates") at toy scale:
+The splits follow the paper's setup (the U2A paper's evaluation, arXiv:2504.06659) at toy scale:
 
 - `alignment`: held-out preference pairs `prompt/chosen/rejected/kind` that define the alignment objective `J`;
   never trained on. Its rejected side is mostly `harmful`, so "aligned" means "not insulting".

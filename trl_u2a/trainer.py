@@ -2,18 +2,16 @@
 
 Why KTO as parent: its unpaired format (`prompt, completion, label`) is the U2A data model, and it already handles model
 loading, PEFT/QLoRA, the reference model (disabled adapter under PEFT, DeepSpeed/FSDP-wrapped otherwise), the fused LM
-head and cached per-row reference log-probs (NPO's `log π_0`). This file and `callback.py` are the only ones that touch
-TRL/transformers internals; the maths lives in `losses.py`, `weighting.py` and `influence.py`.
+head and cached per-row reference log-probs (NPO's `log π_0`). The maths lives in `core/` and `influence/`, the refresh in
+`refresh/` (its controller imports neither TRL nor transformers); TRL's internals are touched here, in `config.py`,
+`model_card.py`, `data.py` (TRL's prompt helpers) and `refresh/callback.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import inspect
 import math
 import os
-import re
 import textwrap
 from collections import defaultdict
 from collections.abc import Callable
@@ -43,7 +41,8 @@ from .core.losses import completion_logps, kl_to_reference, nll_loss, unlearning
 from .core.modeling import _is_bnb_4bit as is_bnb_4bit
 from .core.objectives import AlignmentObjective
 from .core.sampler import WeightedNegativeSampler
-from .core.weighting import WeightState
+from .core.weighting import WeightState, weight_entropy
+from .model_card import u2a_card_section, write_model_card
 from .refresh.sharding import Sharding
 from .safe_state import LEGACY_STATE_FILE, STATE_JSON, STATE_TENSORS, load_legacy_state, load_state, save_state
 
@@ -465,58 +464,12 @@ class U2ATrainer(KTOTrainer):
             selected = w[w > 0]
             metrics["weights/num_selected"].append(float(len(selected)))
             metrics["weights/max"].append(float(selected.max()) if len(selected) else 0.0)
-            metrics["weights/entropy"].append(_entropy(selected))
+            metrics["weights/entropy"].append(weight_entropy(selected))
 
     # ------------------------------------------------------------ model card
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        """TRL's model card, with the base model named (TRL's writes "[None](https://huggingface.co/None)" for a local
-        path), the Quick start pointing at this model, a U2A section (configuration, selection, weights, J at the start
-        and after training) and the U2A citation once."""
-        if not self.is_world_process_zero():
-            return
-        from trl.trainer.utils import generate_model_card, get_comet_experiment_url, get_trackio_space_url
-
-        config = self.accelerator.unwrap_model(self.model).config
-        base = str(getattr(config, "_name_or_path", "") or "")
-        on_hub = bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", base)) and not os.path.exists(base)
-        if on_hub:
-            base_text = f"[{base}](https://huggingface.co/{base})"
-        elif base:
-            base_text = f"the local model `{base}`"
-        else:
-            base_text = "a model built in memory (it has no name or path)"
-        # The Quick start loads this model: its Hub id once pushed, else the directory it is saved in
-        model_ref = getattr(self, "hub_model_id", None) or self.args.hub_model_id or self.args.output_dir
-        tags = {tags} if isinstance(tags, str) else set(tags or ())
-        tags.update(self._tag_names)
-        wandb_url = None
-        with contextlib.suppress(ImportError, AttributeError):
-            import wandb
-
-            wandb_url = wandb.run.url if wandb.run is not None else None
-        placeholder = "U2A_BASE_MODEL"
-        card = generate_model_card(
-            base_model=placeholder,
-            model_name=model_name,
-            hub_model_id=model_ref,
-            dataset_name=dataset_name,
-            tags=sorted(tags),
-            wandb_url=wandb_url,
-            trackio_url=get_trackio_space_url(),
-            comet_url=get_comet_experiment_url(),
-            trainer_name=self._name,
-            trainer_citation=self._paper["citation"],
-            paper_title=self._paper["title"],
-            paper_id=self._paper["id"],
-        )
-        # The card's metadata takes a Hub id only (the Hub rejects a local path there)
-        card.data.base_model = base if on_hub else None
-        text = card.text.replace(f"[{placeholder}](https://huggingface.co/{placeholder})", base_text)
-        text = text.replace(placeholder, base or "model")
-        section = self.u2a_model_card_section()
-        text = text.replace("## Citations", section + "\n## Citations", 1) if "## Citations" in text else text + section
-        card.text = text
-        card.save(os.path.join(self.args.output_dir, "README.md"))
+        """TRL's model card with the base model named and a U2A section (`trl_u2a.model_card`)."""
+        write_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)
@@ -533,48 +486,7 @@ class U2ATrainer(KTOTrainer):
 
     def u2a_model_card_section(self) -> str:
         """Markdown: what U2A unlearned and how (appended to the model card)."""
-        args = self.args
-        w = self.weight_state.weights
-        selected = w[w > 0]
-        # Every option U2AConfig declares itself (its own knobs and the TRL defaults it overrides), in its order,
-        # so a new option reaches the card without a list to keep in step; output switches say nothing of the model
-        own = inspect.get_annotations(U2AConfig)
-        fields = [f.name for f in dataclasses.fields(U2AConfig) if f.name in own and f.name != "save_refresh_plots"]
-        rows = "\n".join(f"| `{name}` | `{getattr(args, name)}` |" for name in fields)
-        lines = [
-            "",
-            "## U2A: what was unlearned",
-            "",
-            f"Trained with [trl-u2a](https://arxiv.org/abs/{self._paper['id']}) (`U2ATrainer`) for "
-            f"{self.state.global_step} optimizer steps.",
-            "",
-            "| setting | value |",
-            "|---|---|",
-            rows,
-            "",
-            f"- Negatives: {self.num_negatives}; selected at the end: {len(selected)} (budget {self.budget}).",
-        ]
-        if len(selected):
-            q = torch.quantile(selected, torch.tensor([0.0, 0.5, 1.0], dtype=selected.dtype)).tolist()
-            lines.append(
-                f"- Weights of the selected negatives: min {q[0]:.3g}, median {q[1]:.3g}, max {q[2]:.3g}, "
-                f"entropy {_entropy(selected):.3g} nats (uniform: {math.log(len(selected)):.3g})."
-            )
-        if self.refresh_callback is not None and self.refresh_callback.history:
-            history = self.refresh_callback.history
-            # The record marked final is J after training (measured after the last refresh); without one (training
-            # ended on a refresh step, or the card is written mid-run) the last refresh's J is the latest known
-            last = next((r for r in reversed(history) if r.get("final")), history[-1])
-            when = "after training" if last.get("final") else "at the last refresh"
-            lines.append(
-                f"- Refreshes: {sum(r.get('refresh') is not None for r in history)}; alignment objective J (DPO loss "
-                f"on the alignment set): {history[0]['objective']:.4f} at the start, {last['objective']:.4f} {when} "
-                f"(step {last['step']})."
-            )
-        else:
-            lines.append("- No alignment set: plain weighted unlearning, no selection.")
-        lines.append("")
-        return "\n".join(lines)
+        return u2a_card_section(self)
 
     # ------------------------------------------------------------ checkpoint
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
@@ -724,10 +636,3 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
         if checkpoint_problem(path) is None:
             return path
     return None
-
-
-def _entropy(weights: torch.Tensor) -> float:
-    if len(weights) == 0:
-        return 0.0
-    p = weights / weights.sum()
-    return float(-(p * p.clamp(min=1e-30).log()).sum())

@@ -1,7 +1,8 @@
-"""Sequence log-probabilities of completions under a causal LM, the one place that runs a model forward.
+"""Sequence log-probabilities of completions under a causal LM, reference log-probs, and batch helpers.
 
-Everything that needs `log π(y|x)` (the unlearning losses, the alignment objectives, the influence scores) goes
-through `sequence_logps`, so that the influence engine sees exactly the computation it differentiates.
+The unlearning losses, the alignment objectives and the influence scores compute `log π(y|x)` through
+`sequence_logps`, so that the influence engine differentiates exactly what they compute. (The trainer's training
+forward goes through TRL's fused LM head instead, and takes the same completion log-probs from it.)
 
 Batches are right-padded dicts of `(B, T)` integer tensors: `input_ids`, `attention_mask` and `completion_mask`
 (1 on completion tokens only, 0 on prompt and padding tokens).
@@ -132,19 +133,30 @@ def fill_reference_logps(
     Returns:
         A list of new batch dicts (inputs are not modified); the reference log-probs are float32 `(B,)` tensors.
     """
+
+    def logps_of(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        new = {}
+        for prefix in prefixes:
+            logps, _ = sequence_logps(
+                model, batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"], batch[f"{prefix}completion_mask"]
+            )
+            new["ref_logps" if prefix == "" else f"ref_{prefix.rstrip('_')}_logps"] = logps
+        return new
+
+    return with_reference(model, batches, logps_of, reference_context)
+
+
+def with_reference(
+    model: torch.nn.Module,
+    batches: Iterable[dict],
+    logps_fn: Callable[[torch.nn.Module, dict], dict[str, torch.Tensor]],
+    reference_context: Callable[[], AbstractContextManager] | None = None,
+) -> list[dict]:
+    """Copies of `batches` updated with `logps_fn(model, batch)` (new `(B,)` tensors by key), detached, computed once
+    in eval mode under `torch.no_grad()` and `reference_context()`: the one loop behind every reference log-prob."""
     out = []
     # eval: no dropout, the reference is a deterministic function of the start weights
     with eval_mode(model), torch.no_grad(), reference_context() if reference_context is not None else nullcontext():
         for batch in batches:
-            new = dict(batch)
-            for prefix in prefixes:
-                logps, _ = sequence_logps(
-                    model,
-                    batch[f"{prefix}input_ids"],
-                    batch[f"{prefix}attention_mask"],
-                    batch[f"{prefix}completion_mask"],
-                )
-                key = "ref_logps" if prefix == "" else f"ref_{prefix.rstrip('_')}_logps"
-                new[key] = logps.detach()
-            out.append(new)
+            out.append({**batch, **{k: v.detach() for k, v in logps_fn(model, batch).items()}})
     return out

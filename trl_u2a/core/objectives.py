@@ -1,4 +1,4 @@
-"""Alignment objectives `J(θ)`: the upper level of U2A (METHOD.md, "Upper level: alignment objective").
+"""Alignment objectives `J(θ)`: the upper level of U2A (docs/method.md, "The alignment objective `J`").
 
 An objective is pluggable, like kronfluence's `compute_measurement`: any callable `objective(model, batch)` that
 returns a differentiable **per-pair** loss of shape `(P,)`; `J` is the mean over all pairs of the alignment set
@@ -14,13 +14,13 @@ objectives with a reference (DPO), float `(B,)` tensors `ref_chosen_logps`, `ref
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
 
 from .losses import nll_loss
-from .modeling import eval_mode, sequence_logps
+from .modeling import sequence_logps, with_reference
 
 PAIR_SIDES = ("chosen", "rejected")
 
@@ -157,11 +157,10 @@ def reference_logps(
     pair_batches = list(pair_batches)
     if not pair_batches:
         raise ValueError("reference_logps got no pair batches.")
-    out = []
-    # eval: no dropout, the reference is a deterministic function of the start weights
-    with eval_mode(model), torch.no_grad(), reference_context() if reference_context is not None else nullcontext():
-        for batch in pair_batches:
-            # The same concatenated forward as `DPOObjective`, so that the DPO margin is exactly 0 at `θ_0`.
-            logps_w, _, logps_l, _ = chosen_rejected_logps(model, batch)
-            out.append({**batch, "ref_chosen_logps": logps_w.detach(), "ref_rejected_logps": logps_l.detach()})
-    return out
+
+    def logps_of(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        # The same concatenated forward as `DPOObjective`, so that the DPO margin is exactly 0 at `θ_0`
+        logps_w, _, logps_l, _ = chosen_rejected_logps(model, batch)
+        return {"ref_chosen_logps": logps_w, "ref_rejected_logps": logps_l}
+
+    return with_reference(model, pair_batches, logps_of, reference_context)

@@ -1,4 +1,4 @@
-"""Selection and per-example weights of the negatives: the outer step of U2A (METHOD.md, "Selection and weights").
+"""Selection and per-example weights of the negatives: the outer step of U2A (docs/method.md, "Selection and the tempered mirror-ascent update").
 
 Pure tensor code: it knows nothing of models, data loaders or TRL. The negatives are indexed `0..n-1`; the state
 lives on the CPU in float64, so that a refresh is cheap, exact enough to compare bitwise, and checkpointable.
@@ -19,7 +19,7 @@ One refresh, given the influence scores `s_i = ∇Jᵀ P⁻¹ ∇ℓ_i` of this 
    renormalise to mean 1 over `S`, then cap at `max_weight` (× the mean, which is 1) by water-filling. `η_w = 0` is
    selection only: every selected example gets weight 1.
 
-   The scores are centred before clipping (METHOD.md writes `clip(s_i / std(s), −c, c)`). Without the clip the
+   The scores are centred before clipping (docs/method.md writes `clip(s_i / std(s), −c, c)`). Without the clip the
    centring changes nothing, since renormalising removes any common factor `exp(η_w m / std)`. With it, the
    uncentred form is degenerate exactly where it matters: after selection every `s_i > 0`, so when the selected
    scores sit far from 0 relative to their spread (e.g. the top third of a bell curve, or scores in `[1, 2]`), every

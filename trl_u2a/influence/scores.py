@@ -2,7 +2,7 @@
 the brute-force oracle (one `torch.autograd.grad` per example) that the tests check the ghost path against.
 
 `s_i > 0` means unlearning example `i` is predicted to lower `J`: a step of size `η` along `−P⁻¹∇ℓ_i` changes `J` by
-about `−η s_i` (docs/method.md, "Influence score of one negative").
+about `−η s_i` (docs/method.md, "The influence score and its sign").
 """
 
 from __future__ import annotations
