@@ -2,9 +2,9 @@
 
 Why KTO as parent: its unpaired format (`prompt, completion, label`) is the U2A data model, and it already handles model
 loading, PEFT/QLoRA, the reference model (disabled adapter under PEFT, DeepSpeed/FSDP-wrapped otherwise), the fused LM
-head and cached per-row reference log-probs (NPO's `log π_0`). The maths lives in `core/` and `influence/`, the refresh in
-`refresh/` (its controller imports neither TRL nor transformers); TRL's internals are touched here, in `config.py`,
-`model_card.py`, `data.py` (TRL's prompt helpers) and `refresh/callback.py`.
+head and cached per-row reference log-probs (NPO's `log π_0`). The maths lives in `core/` and `influence/`, the
+refresh in `refresh/` (its controller imports neither TRL nor transformers); TRL's internals are touched here, in
+`config.py`, `model_card.py`, `data.py` (TRL's prompt helpers) and `refresh/callback.py`.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Per-example unlearning losses, as pure functions of sequence log-probabilities.
 
-Notation (docs/method.md, "Unlearning losses"): `logps[i] = log π_θ(y_i | x_i)`, the sum of the completion-token log-probs (prompt and padding
-masked); `lengths[i] = |y_i|`, the number of completion tokens; `ref_logps[i] = log π_0(y_i | x_i)`. Every loss here
-is *minimised*, returns one value per example (shape `(B,)`), and knows nothing about models or TRL.
+Notation (docs/method.md, "Unlearning losses"): `logps[i] = log π_θ(y_i | x_i)`, the sum of the completion-token
+log-probs (prompt and padding masked); `lengths[i] = |y_i|`, the number of completion tokens;
+`ref_logps[i] = log π_0(y_i | x_i)`. Every loss here is *minimised*, returns one value per example (shape
+`(B,)`), and knows nothing about models or TRL.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Selection and per-example weights of the negatives: the outer step of U2A (docs/method.md, "Selection and the tempered mirror-ascent update").
+"""Selection and per-example weights of the negatives: the outer step of U2A (docs/method.md, "Selection and the
+tempered mirror-ascent update").
 
 Pure tensor code: it knows nothing of models, data loaders or TRL. The negatives are indexed `0..n-1`; the state
 lives on the CPU in float64, so that a refresh is cheap, exact enough to compare bitwise, and checkpointable.
