@@ -2,7 +2,7 @@
 same candidates. Target: the 2-process refresh takes ≤ 0.6× the 1-process time.
 
 Each run builds a `U2ATrainer` (LoRA r 16 all-linear, an alignment set), calls `trainer.create_optimizer()` and then
-`trainer.refresh_callback.refresh(state, control)` directly, without training:
+`trainer.refresh_callback.controller.refresh(step)` directly, without training:
 
 - `cold`: the first refresh (refresh 0: every negative is a candidate), which also computes the reference log-probs
   of the alignment pairs once;
@@ -100,7 +100,7 @@ def worker(args):
     )
     construction = dict(zip(("wall", "cpu"), clock.read()))
     trainer.create_optimizer()
-    callback = trainer.refresh_callback
+    callback = trainer.refresh_callback.controller
     accelerator = trainer.accelerator
     initial = trainer.weight_state
 
@@ -125,13 +125,13 @@ def worker(args):
     refreshes = []
     for i in range(1 + args.repeats):
         if i:
-            callback.controller.refresh_index = 0
-            callback.controller.history = []
+            callback.refresh_index = 0
+            callback.history = []
             trainer.set_weights(initial)
         components.clear()
         accelerator.wait_for_everyone()
         c = common.Clock()
-        record = callback.refresh(trainer.state, trainer.control)
+        record = callback.refresh(trainer.state.global_step)
         wall_refresh, cpu_refresh = c.read()
         accelerator.wait_for_everyone()
         wall_barrier, _ = c.read()
