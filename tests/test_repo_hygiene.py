@@ -5,6 +5,7 @@ import glob
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -35,3 +36,20 @@ def test_docs_commands_hold_no_private_absolute_paths():
                 if re.search(r"(?<![\w.])/(work|root|tmp|home)/", line):
                     found.append(f"{os.path.relpath(path, ROOT)}:{number}: {line.strip()}")
     assert not found, "\n".join(found)
+
+
+def test_import_is_quiet_and_the_controller_needs_no_trainer_library():
+    """`import trl_u2a` and a U2AConfig print nothing a user cannot act on (bitsandbytes' kernels line, transformers'
+    gradient_checkpointing rename), and the refresh controller, the influence engine and core/ import neither TRL nor
+    transformers."""
+    code = (
+        "import sys\n"
+        "import trl_u2a.refresh.controller, trl_u2a.influence, trl_u2a.core.weighting, trl_u2a.core.schedule\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] in ('trl', 'transformers')], 'imported'\n"
+        "import bitsandbytes\n"
+        "from trl_u2a import U2AConfig\n"
+        "U2AConfig(output_dir='out', use_cpu=True, bf16=False)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "gemm_4bit_forward" not in result.stderr and "gradient_checkpointing" not in result.stderr, result.stderr

@@ -9,7 +9,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from . import _quiet
+
 __version__ = "0.1.0"
+
+_quiet.install()
 
 _LAZY = {
     "U2AConfig": "trl_u2a.config",
