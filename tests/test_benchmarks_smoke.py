@@ -197,6 +197,7 @@ def test_refresh_scaling_worker_one_process(tmp_path, isolated):
     assert set(summary) == {"cold", "warm"}
 
 
+@pytest.mark.slow
 def test_gpu_recipes_dry_run_on_cpu(tmp_path, isolated):
     """The GPU recipe runner, on the tiny model: the start model is fine-tuned, the recipe trains in a subprocess with
     the prepared data, and the result records its refreshes and the saved model."""

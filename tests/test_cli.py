@@ -50,6 +50,7 @@ SMALL = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_ctrl_c_prints_the_last_checkpoint_and_the_resume_command_which_resumes(tmp_path, monkeypatch, capsys):
     resumed_from = []
     original_step, original_load = U2ATrainer.training_step, U2ATrainer._load_from_checkpoint

@@ -706,6 +706,7 @@ def _dist_worker(rank, world_size, store, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_alignment_gradient_all_reduces_across_two_processes(tmp_path):
     import torch.multiprocessing as mp
 
@@ -796,6 +797,7 @@ def _fsdp2_checks(rank, world_size, out_dir):
     )
 
 
+@pytest.mark.slow
 def test_fsdp2_sharded_parameters_match_plain_ones(tmp_path):
     """Under FSDP2 (two processes, gloo) the alignment gradient, the ghost, brute-force and in-training scores and the
     adam preconditioner (whose state is sharded too) equal those of the plain model on the union of the data."""

@@ -190,6 +190,7 @@ def test_recipe_trains_two_steps(path, start_model, prepared_root, tmp_path):
     assert model.is_gradient_checkpointing == bool(raw.get("gradient_checkpointing", True))
 
 
+@pytest.mark.slow
 def test_tiny_recipe_as_the_readme_runs_it(tmp_path):
     trainer = cli(["--config", recipe("tiny.yaml"), "--max_steps", "2", "--output_dir", str(tmp_path)])
     assert trainer.state.global_step == 2 and trainer.refresh_callback.history[0]["n_selected"] > 0
