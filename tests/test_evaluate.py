@@ -11,9 +11,9 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_u2a.cli import main
+from trl_u2a.core.modeling import sequence_logps
 from trl_u2a.data import tokenize_prompt_completion
 from trl_u2a.evaluation import ClassifierJudge, Evaluator, lexical_judge
-from trl_u2a.modeling import sequence_logps
 from trl_u2a.synthetic import contains_harm_words
 
 GENERATION = ["--num_generations", "2", "--max_new_tokens", "4"]
