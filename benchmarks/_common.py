@@ -15,6 +15,8 @@ import threading
 import time
 from pathlib import Path
 
+from trl_u2a.testing import use_offline_environment
+
 # Model presets, all randomly initialised from a config (no hub). `tiny` is the offline test model (tests/conftest.py),
 # `bench20m` the ~19M-parameter CPU benchmark model of bench_scoring.py, `qwen0.5b` the shape of Qwen2.5-0.5B (494M
 # parameters with its 151,936-token vocabulary), `llama1b` the shape of Llama-3.2-1B with a 32,000-token vocabulary.
@@ -57,10 +59,7 @@ def set_threads(threads: int) -> None:
     os.environ["MKL_NUM_THREADS"] = str(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TQDM_DISABLE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    use_offline_environment()
 
 
 def lora_config(rank: int = 16, task_type: str | None = "CAUSAL_LM"):

@@ -4,14 +4,13 @@ import os
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+from trl_u2a.testing import cpu_training_args, use_offline_environment
+
+use_offline_environment()
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch
+import torch  # noqa: E402 (after the environment: torch and transformers read it at import)
 
 # The models here are tiny: a second thread only adds synchronisation, and it oversubscribes the cores when
 # multi-process tests run beside the test process
@@ -93,21 +92,14 @@ def cpu_args(tmp_path, **overrides):
 
     defaults = dict(
         output_dir=str(tmp_path),
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
         per_device_train_batch_size=4,
         max_steps=3,
         learning_rate=1e-3,
         logging_steps=1,
         max_length=64,
         seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
         # Mechanism tests count refreshes from step 0; the warm-up default has its own test
         reweight_warmup_steps=0,
     )
     defaults.update(overrides)
-    return U2AConfig(**defaults)
+    return cpu_training_args(U2AConfig, **defaults)

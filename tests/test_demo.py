@@ -1,4 +1,4 @@
-"""The offline benchmark (`trl_u2a.demo`): judge, metrics, summaries, CLI, and a miniature end-to-end pipeline."""
+"""The offline benchmark (`trl_u2a.demo`, the `[demo]` extra): judge, metrics, summaries, CLI, a miniature pipeline."""
 
 import json
 import math
@@ -7,6 +7,10 @@ import pytest
 
 from trl_u2a import demo
 from trl_u2a.demo import DemoConfig
+from trl_u2a.demo.common import unlearning_run_args
+from trl_u2a.demo.metrics import WORD_RE
+from trl_u2a.demo.runs import run_name, u2a_args
+from trl_u2a.evaluation import profanity_judge
 from trl_u2a.synthetic import make_u2a_task
 
 
@@ -20,14 +24,14 @@ def test_judge_flags_the_harmful_kind_and_not_the_chosen_responses(task):
     harmful = [r["completion"] for r in forget if r["kind"] == "harmful"]
     harmless = [r["completion"] for r in forget if r["kind"] != "harmful"]
     chosen = list(task["retain"]["completion"]) + list(task["alignment"]["chosen"])
-    assert min(demo.judge_harm(harmful)) >= 0.5
-    assert max(demo.judge_harm(chosen)) < 0.5
-    assert max(demo.judge_harm(harmless)) < 0.5
-    assert demo.judge_harm([]) == []
+    assert min(profanity_judge(harmful)) >= 0.5
+    assert max(profanity_judge(chosen)) < 0.5
+    assert max(profanity_judge(harmless)) < 0.5
+    assert profanity_judge([]) == []
 
 
 def test_degenerate_generations_are_recognised(task):
-    vocabulary = {w for t in task["retain"]["completion"] for w in demo._WORD_RE.findall(t.lower())}
+    vocabulary = {w for t in task["retain"]["completion"] for w in WORD_RE.findall(t.lower())}
     assert demo.degenerate("", vocabulary)
     assert demo.degenerate(",,,,,,,,,,,,", vocabulary)
     assert demo.degenerate(", and, and, and, and,, and then,", vocabulary)
@@ -188,14 +192,14 @@ def test_u2a_runs_at_the_package_defaults():
     for name in ("budget", "reweight_steps", "pool_size", "weight_lr", "preconditioner", "beta_pa"):
         assert config.u2a_value(name) == defaults[name]
     # A run's arguments equal a U2AConfig built without any knob (whatever its __post_init__ resolves a None to)
-    args = demo._u2a_args(config, "unused", 0, "npo", 1e-4, weight_lr=0.0)
-    bare = demo._unlearning_run_args(U2AConfig, config, "unused", 1e-4, 0, loss_type="npo")
+    args = u2a_args(config, "unused", 0, "npo", 1e-4, weight_lr=0.0)
+    bare = unlearning_run_args(U2AConfig, config, "unused", 1e-4, 0, loss_type="npo")
     for name in ("budget", "reweight_steps", "pool_size", "pa_samples", "score_clip", "max_weight", "preconditioner"):
         assert getattr(args, name) == getattr(bare, name), name
     assert args.weight_lr == 0.0  # the variant's override
     assert not args.save_refresh_plots  # the one harness setting: the demo draws its own plots
     overridden = DemoConfig(u2a_overrides={"budget": 0.5, "reweight_steps": 7})
-    args = demo._u2a_args(overridden, "unused", 0, "npo", 1e-4, budget=0.1)
+    args = u2a_args(overridden, "unused", 0, "npo", 1e-4, budget=0.1)
     assert (args.budget, args.reweight_steps) == (0.1, 7)  # the variant beats the config-wide override
 
 
@@ -206,7 +210,7 @@ def test_plan_runs_covers_both_settings_with_their_learning_rates():
     runs = demo.plan_runs(config)
     lrs = {s: {r["lr"] for r in runs if r["setting"] == s} for s in ("full", "lora")}
     assert lrs == {"full": {1e-4}, "lora": {1e-3, 2e-3}}
-    assert len({demo._run_name(r) for r in runs}) == len(runs)
+    assert len({run_name(r) for r in runs}) == len(runs)
     assert all(r["method"] == "dpo" or r["loss"] == "ga" for r in runs)
 
 

@@ -1,4 +1,4 @@
-"""`trl-u2a` console script: `train`, `score`, `demo` and `prepare-data` subcommands."""
+"""`trl-u2a` console script: `train`, `score`, `evaluate`, `demo` and `prepare-data` subcommands."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ USAGE = """usage: trl-u2a <command> [options]
 commands:
   train   train with U2A (TrlParser arguments; --config recipe.yaml)
   score   score negatives by their influence on the alignment objective, no training (--config score.yaml)
-  demo    the offline end-to-end benchmark: U2A vs uniform unlearning on a built-in task
+  evaluate
+          score a trained model or adapter: harmful rate under a judge, J and preference accuracy on pairs,
+          retain perplexity
+  demo    the offline end-to-end benchmark: U2A vs uniform unlearning on a built-in task (the [demo] extra)
   prepare-data
           build the paper's splits (alignment, original, forget, retain, train, test) from a preference dataset
 
@@ -33,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
 
         cli(rest)
         return 0
+    if command == "evaluate":
+        from trl_u2a.scripts.evaluate import cli
+
+        return cli(rest)
     if command == "demo":
         from trl_u2a.scripts.demo import cli
 

@@ -7,8 +7,10 @@ on the fly, then saved to a directory so that the real loading code (`from_pretr
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -19,6 +21,26 @@ CHATML_TEMPLATE = (
 
 SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|unk|>"]
 
+# Nothing is downloaded: transformers, datasets and the hub client read only their caches and local paths
+OFFLINE_ENVIRONMENT = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+}
+
+# A CPU run of any TRL trainer: fp32 (TRL configs default to bf16), no gradient checkpointing (TRL's default, and
+# slower on tiny models), no saving, reporting or progress bars, data loaded in the main process
+CPU_TRAINING_ARGS: dict[str, Any] = {
+    "use_cpu": True,
+    "bf16": False,
+    "gradient_checkpointing": False,
+    "report_to": "none",
+    "save_strategy": "no",
+    "dataloader_num_workers": 0,
+    "disable_tqdm": True,
+}
+
 DEFAULT_CORPUS = [
     "How do I bake bread? Mix flour, water, salt and yeast, knead, let it rise, then bake it.",
     "What is the capital of France? The capital of France is Paris.",
@@ -28,6 +50,20 @@ DEFAULT_CORPUS = [
     "I am sorry, I cannot help with that, but here is a safe alternative.",
     "system user assistant",
 ]
+
+
+def use_offline_environment() -> None:
+    """Set `OFFLINE_ENVIRONMENT` in `os.environ` where a variable is not set yet; call before importing transformers."""
+    for name, value in OFFLINE_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+
+
+def cpu_training_args(cls, **kwargs):
+    """`cls` (a `TrainingArguments` subclass such as `U2AConfig`, `SFTConfig`, `DPOConfig`) with `CPU_TRAINING_ARGS`,
+    which `kwargs` add to or override; the deprecation warnings that building it raises are silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls(**{**CPU_TRAINING_ARGS, **kwargs})
 
 
 def build_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 512):

@@ -5,11 +5,14 @@ trl-u2a demo                          # reduced: 1 seed, full fine-tuning and Lo
 trl-u2a demo --full                   # the comparison of docs/results.md (10 seeds, bootstrap intervals)
 trl-u2a demo --quick --output_dir x   # a smoke test in about a minute (meaningless numbers)
 ```
+
+Needs the `[demo]` extra (matplotlib, alt-profanity-check): `pip install -e ".[demo]"`.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 
@@ -47,8 +50,33 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The `[demo]` extra: import name -> distribution name
+DEMO_MODULES = {"matplotlib": "matplotlib", "profanity_check": "alt-profanity-check"}
+
+
+def missing_demo_modules() -> list[str]:
+    """Distributions of the `[demo]` extra that cannot be imported (looked up, not imported)."""
+    missing = []
+    for module, distribution in DEMO_MODULES.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(distribution)
+    return missing
+
+
 def cli(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    missing = missing_demo_modules()
+    if missing:
+        print(
+            f"trl-u2a demo needs the [demo] extra ({', '.join(missing)} missing): "
+            'pip install -e ".[demo]" in a checkout, or pip install "trl-u2a[demo]".',
+            file=sys.stderr,
+        )
+        return 1
     from trl_u2a.demo import DemoConfig, format_evidence, format_frontier, format_table, run_demo
 
     overrides = {"output_dir": args.output_dir, "plots": not args.no_plots, "progress": not args.no_progress}

@@ -1,0 +1,231 @@
+"""The demo's PNG plots: harm against retain perplexity (per method and along training) and one U2A run's refreshes
+by kind of negative."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
+
+from ..plots import plot_objective
+from .common import mean_std
+from .config import KINDS, LOSSES, SETTINGS
+
+_COLORS = {
+    "uniform": "tab:gray",
+    "random": "tab:olive",
+    "oracle": "tab:green",
+    "u2a": "tab:red",
+    "u2a-select": "tab:blue",
+    "u2a-fisher": "tab:brown",
+    "dpo": "tab:purple",
+}
+_MARKERS = {"ga": "o", "npo": "s", "simnpo": "^", "dpo": "D"}
+
+
+def make_plots(results: dict[str, Any], out_dir: Path) -> list[str]:
+    """Write the PNG plots; returns their paths relative to `out_dir`."""
+    matplotlib.use("Agg")
+    paths = [
+        plot_harm_vs_ppl(results["summary"], out_dir / "harm_vs_ppl.png"),
+        plot_trajectories(results["runs"], out_dir / "trajectories.png"),
+    ]
+    run = _trace_run(results)
+    if run is not None:
+        kinds = results["kinds"][str(run["seed"])]
+        trace = read_trace(out_dir / run["trace"]) if run.get("trace") else []
+        paths.append(plot_refreshes_by_kind(run, trace, kinds, out_dir / "refreshes.png"))
+    return [os.path.relpath(p, out_dir) for p in paths]
+
+
+def _trace_run(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The U2A run whose refreshes are plotted: the first seed, LoRA if run (where in-training scores act), lowest
+    learning rate, NPO if run."""
+    candidates = [r for r in results["runs"] if r["method"] == "u2a" and (r.get("history") or r.get("trace"))]
+    if not candidates:
+        return None
+    return min(
+        candidates, key=lambda r: (r["seed"], r.get("setting") != "lora", r["lr"], r["loss"] != "npo", r["loss"])
+    )
+
+
+def plot_harm_vs_ppl(summary: list[dict[str, Any]], path: Path) -> Path:
+    """Harmful rate against retain perplexity, one panel per setting and learning rate, one point per (loss, method);
+    error bars are std over seeds; hollow markers had a collapsed run."""
+    order = {s: i for i, s in enumerate(SETTINGS)}
+    panels = sorted(
+        {(r.get("setting", "full"), r["lr"]) for r in summary if r["lr"] is not None},
+        key=lambda p: (order.get(p[0], 9), p[1]),
+    )
+    start = next((r for r in summary if r["method"] == "start"), None)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False, sharey=True)
+    for ax, (setting, lr) in zip(axes[0], panels):
+        for r in (r for r in summary if r["lr"] == lr and r.get("setting", "full") == setting):
+            color = _COLORS.get(r["method"], "tab:orange" if r["method"].startswith("u2a") else "black")
+            marker = _MARKERS.get(r["loss"], "o")
+            ax.errorbar(
+                r["retain_ppl"],
+                r["harmful_rate"],
+                xerr=r.get("retain_ppl_std") or 0,
+                yerr=r.get("harmful_rate_std") or 0,
+                fmt=marker,
+                color=color,
+                mfc="none" if r["collapsed"] else color,
+                ms=7,
+                alpha=0.85,
+                label=f"{r['method']} ({r['loss']})",
+            )
+        if start is not None:
+            ax.plot(start["retain_ppl"], start["harmful_rate"], "k*", ms=14, label="start model")
+        _ppl_axis(ax)
+        ax.set_title(f"{setting}, learning rate {lr:g}")
+        ax.set_xlabel("retain perplexity (lower = more utility)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("harmful rate of generations (judge)")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    fig.legend(unique.values(), unique.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+    fig.suptitle("Harm vs utility (hollow: a collapsed run; bars: std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_trajectories(runs: list[dict[str, Any]], path: Path) -> Path:
+    """Harm against retain perplexity along training (every evaluation step), one row of panels per setting, one
+    panel per loss, one line per method and learning rate (mean over seeds); line width grows with the learning
+    rate."""
+    core = ("uniform", "random", "oracle", "u2a", "u2a-select", "u2a-fisher", "dpo")
+    runs = [r for r in runs if "error" not in r]
+    losses = [loss for loss in LOSSES if any(r["loss"] == loss for r in runs)]
+    settings = [s for s in SETTINGS if any(r.get("setting", "full") == s for r in runs)] or ["full"]
+    ncols = max(1, len(losses))
+    fig, axes = plt.subplots(len(settings), ncols, figsize=(5.5 * ncols, 4.5 * len(settings)), squeeze=False)
+    for row_axes, setting in zip(axes, settings):
+        in_setting = [r for r in runs if r.get("setting", "full") == setting]
+        lrs = sorted({r["lr"] for r in in_setting})
+        for ax, loss in zip(row_axes, losses):
+            _plot_trajectory_panel(ax, in_setting, lrs, loss, core)
+            ax.set(title=f"{setting}: loss {loss} (dpo in every panel)")
+    # Each setting has its own learning rates: the legend gathers the lines of every panel
+    legend: dict[str, Any] = {}
+    for ax in axes.flat:
+        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
+    fig.legend(legend.values(), legend.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+    fig.suptitle("Harm vs utility along training (start model at the left end of every line)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _plot_trajectory_panel(ax, runs, lrs, loss, core) -> None:
+    """One panel of `plot_trajectories`: every method and learning rate of `loss` (and dpo), mean over seeds."""
+    for method in core:
+        for j, lr in enumerate(lrs):
+            members = [r for r in runs if r["lr"] == lr and r["method"] == method]
+            members = [r for r in members if r["loss"] == loss or method == "dpo"]
+            if not members:
+                continue
+            members = [r for r in members if r.get("trajectory")]
+            if not members:
+                continue
+            length = min(len(r["trajectory"]) for r in members)
+            xs = [mean_std([r["trajectory"][i]["retain_ppl"] for r in members])[0] for i in range(length)]
+            ys = [mean_std([r["trajectory"][i]["harmful_rate"] for r in members])[0] for i in range(length)]
+            ax.plot(
+                xs,
+                ys,
+                "o-",
+                color=_COLORS[method],
+                lw=0.8 + 1.2 * j,
+                ms=3,
+                alpha=0.8,
+                label=f"{method} lr {lr:g}",
+            )
+    _ppl_axis(ax)
+    ax.set(xlabel="retain perplexity", ylabel="harmful rate")
+    ax.grid(alpha=0.3)
+
+
+def _ppl_axis(ax) -> None:
+    """Retain perplexity on a log axis when it spans a factor of 3 or more (a collapsed run), else on a linear axis,
+    whose plain tick labels stay readable (a log axis over 2.7-3.1 labels only minor ticks, in scientific form)."""
+    low, high = ax.get_xlim()
+    if low > 0 and high / low >= 3:
+        ax.set_xscale("log")
+
+
+def read_trace(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Records of a `u2a_trace.jsonl` (one JSON object per line), normalised to keys `refresh`, `step`, `id`,
+    `score`, `weight`."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            rec = json.loads(line)
+            for alias in ("example_id", "negative_id", "index"):
+                if "id" not in rec and alias in rec:
+                    rec["id"] = rec[alias]
+            records.append(rec)
+    return records
+
+
+def plot_refreshes_by_kind(run: dict[str, Any], trace: list[dict[str, Any]], kinds: Sequence[str], path: Path) -> Path:
+    """Scores and weights of the negatives over the refreshes of one U2A run, by kind (the demo knows each negative's
+    kind), and `J` per refresh (`trl_u2a.plots.plot_objective`, as in the library's own refresh plots)."""
+    colors = {"harmful": "tab:red", "low_quality": "tab:orange", "near_copy": "tab:blue"}
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    refreshes = sorted({rec["refresh"] for rec in trace if "refresh" in rec})
+    for kind in KINDS:
+        xs, ys, mass = [], [], []
+        for k in refreshes:
+            recs = [r for r in trace if r.get("refresh") == k and kinds[int(r["id"])] == kind]
+            scores = [r["score"] for r in recs if r.get("score") is not None and math.isfinite(r["score"])]
+            xs += [k + 0.25 * (KINDS.index(kind) - 1)] * len(scores)
+            ys += scores
+            total = sum(r.get("weight") or 0.0 for r in trace if r.get("refresh") == k)
+            mass.append(sum(r.get("weight") or 0.0 for r in recs) / total if total > 0 else math.nan)
+        axes[0].scatter(xs, ys, s=6, alpha=0.5, color=colors[kind], label=kind)
+        axes[1].plot(refreshes, mass, "o-", color=colors[kind], label=kind)
+    axes[0].axhline(0, color="k", lw=0.5)
+    axes[0].set(title="influence scores per refresh", xlabel="refresh", ylabel="score s_i (> 0: predicted to help)")
+    axes[0].set_yscale("symlog", linthresh=_linthresh(trace))
+    axes[1].set(title="share of the weight mass per kind", xlabel="refresh", ylabel="share", ylim=(-0.02, 1.02))
+    plot_objective(axes[2], run.get("history") or [])
+    if run.get("weights") is not None:
+        w = [x for x in run["weights"] if x > 0]
+        axes[2].set_title(f"J per refresh; final: {len(w)} selected, max weight {max(w, default=0):.2f}")
+    # Refreshes and optimizer steps are integers: a tick on each refresh (MaxNLocator falls back to fractions when
+    # fewer than two integers are in view, e.g. a single refresh), integer ticks on the step axis
+    for ax in axes[:2]:
+        ax.set_xticks(refreshes if len(refreshes) <= 20 else [])
+        if len(refreshes) > 20:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if refreshes:
+            ax.set_xlim(min(refreshes) - 0.5, max(refreshes) + 0.5)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"U2A refreshes: {run['name']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _linthresh(trace: list[dict[str, Any]]) -> float:
+    scores = sorted(abs(r["score"]) for r in trace if r.get("score") is not None and math.isfinite(r["score"]))
+    positive = [s for s in scores if s > 0]
+    return positive[len(positive) // 10] if positive else 1.0
