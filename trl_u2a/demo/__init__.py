@@ -1,13 +1,14 @@
 """The offline benchmark behind `trl-u2a demo`: does U2A beat uniform unlearning on a task where we know the answer?
 
-Pipeline, per seed (METHOD.md, "What the paper evaluates", at toy scale, on CPU, no download):
+Pipeline, per seed (the U2A paper's evaluation, arXiv:2504.06659, at toy scale, on CPU, no download):
 
 1. Data: the seeded synthetic assistant task (`trl_u2a.synthetic.make_training_splits`): negatives of three kinds
    (`harmful`, `low_quality`, `near_copy`), chosen answers, a held-out alignment set, test prompts and test pairs.
 2. Start model: a tiny Llama built from config, trained from scratch with TRL's `SFTTrainer` on the `original` mix
    (about 65 % rejected answers), so that it is misaligned: it insults the user on a clearly non-zero share of the
    test prompts. Its train NLL must stay well above zero: a model that has memorised its negatives gives near-zero
-   gradients on them and noise influence scores (METHOD.md). Cached on disk, keyed by its settings and the data.
+   gradients on them and noise influence scores (docs/troubleshooting.md). Cached on disk, keyed by its settings and
+   the data.
 3. Methods, each for the same number of optimizer steps from the same start model, in each setting (`full`: full
    fine-tuning; `lora`: a LoRA adapter, r 8, alpha 16, every linear layer) at each of its learning rates:
    - `u2a`: `U2ATrainer` with the alignment set (selection + tempered reweighting) at the package defaults of
