@@ -359,3 +359,33 @@ def test_constructor_follows_trl_order_and_refuses_what_it_cannot_honour(tiny_mo
         U2ATrainer(str(tiny_model_path), None, args, lambda rows: rows, data)
     with pytest.raises(ValueError, match="does not take compute_metrics"):
         U2ATrainer(str(tiny_model_path), args=args, train_dataset=data, compute_metrics=lambda p: {})
+
+
+def test_disable_tqdm_silences_every_progress_bar(tiny_model_path, tmp_path, preference_dataset, capfd, monkeypatch):
+    """`disable_tqdm=True` also reaches datasets' map bars (tokenizing the negatives and the pairs), the reference
+    log-prob pass and the refresh's scoring bar; with it off they show."""
+    from datasets import disable_caching, enable_caching
+    from datasets.utils import logging as datasets_logging
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # conftest's global switch would hide the bars either way
+    alignment = Dataset.from_dict({"prompt": PROMPTS, "chosen": CHOSEN, "rejected": REJECTED})
+    disable_caching()  # a cached map shows no bar either way
+    try:
+        for disable in (False, True):
+            capfd.readouterr()
+            trainer = U2ATrainer(
+                model=tiny_model_path,
+                args=cpu_args(tmp_path / str(disable), loss_type="npo", max_steps=1, disable_tqdm=disable),
+                train_dataset=preference_dataset,
+                alignment_dataset=alignment,
+            )
+            trainer.train()
+            err = capfd.readouterr().err
+            bars = [name for name in ("Tokenizing", "U2A refresh", "reference log-probs") if name in err]
+            if disable:
+                assert not bars, err[-2000:]
+            else:  # datasets shows no map bar on these few rows: the two bars of U2A's own passes stand for it
+                assert {"U2A refresh", "reference log-probs"} <= set(bars), err[-2000:]
+            assert datasets_logging.is_progress_bar_enabled()  # switched off for the trainer only, then restored
+    finally:
+        enable_caching()

@@ -73,6 +73,21 @@ def _as_kto_args(args: U2AConfig, precompute_ref_log_probs: bool):
         args.loss_type, args.precompute_ref_log_probs = saved
 
 
+@contextlib.contextmanager
+def _dataset_bars(disable: bool):
+    """datasets' `map` progress bars off inside (as `disable_tqdm` asks), restored on exit."""
+    from datasets.utils import logging as datasets_logging
+
+    was_enabled = datasets_logging.is_progress_bar_enabled()
+    if disable:
+        datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if disable and was_enabled:
+            datasets_logging.enable_progress_bar()
+
+
 class U2ATrainer(KTOTrainer):
     """Trainer for U2A: weighted per-example unlearning of negative examples, with a periodic bi-level refresh of the
     weights when an alignment set is given.
@@ -163,14 +178,15 @@ class U2ATrainer(KTOTrainer):
         if train_dataset is None:
             raise ValueError("train_dataset is required: the negatives to unlearn.")
         # Validate the data formats before any model is loaded: a typo in a column name should cost seconds
-        train_dataset = u2a_data.to_unpaired(train_dataset, "train_dataset", num_proc=args.dataset_num_proc)
+        with _dataset_bars(args.disable_tqdm):
+            train_dataset = u2a_data.to_unpaired(train_dataset, "train_dataset", num_proc=args.dataset_num_proc)
         if alignment_dataset is not None:
             alignment_dataset = u2a_data.check_preference(alignment_dataset, "alignment_dataset")
 
         # A reference model in memory is needed only for the KL retain term; NPO's reference log-probs are cached.
         self._needs_ref_model = args.retain_weight > 0 and args.retain_loss == "kl"
         self._collator = u2a_data.UnpairedCollator(pad_token_id=None, max_length=args.max_length)
-        with _as_kto_args(args, precompute_ref_log_probs=not self._needs_ref_model):
+        with _as_kto_args(args, precompute_ref_log_probs=not self._needs_ref_model), _dataset_bars(args.disable_tqdm):
             super().__init__(
                 model=model,
                 ref_model=ref_model,
@@ -233,7 +249,8 @@ class U2ATrainer(KTOTrainer):
             from .refresh import U2ARefreshCallback
 
             self.budget = args.budget_count(self.num_negatives)
-            self.refresh_callback = U2ARefreshCallback(self, alignment_dataset, objective=alignment_objective)
+            with _dataset_bars(args.disable_tqdm):
+                self.refresh_callback = U2ARefreshCallback(self, alignment_dataset, objective=alignment_objective)
             self.add_callback(self.refresh_callback)
         else:
             self.budget = int((self.weight_state.weights > 0).sum())
