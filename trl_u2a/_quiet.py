@@ -10,6 +10,8 @@ import warnings
 # bitsandbytes >= 0.50 on a CPU with AVX512-BF16 logs this at import when the optional `kernels` package is absent,
 # then falls back to its own kernel: nothing is wrong, and every run printed it
 _BNB_KERNELS = re.compile(r"Failed to load CPU gemm_4bit_forward from kernels-community")
+# DeepSpeed, imported by accelerate/TRL whenever it is installed, logs this on every machine without a GPU
+_DEEPSPEED_CPU = re.compile(r"Setting accelerator to CPU\. If you have GPU or other accelerator")
 
 
 class _DropMessage(logging.Filter):
@@ -23,9 +25,11 @@ class _DropMessage(logging.Filter):
 
 def install() -> None:
     """Idempotent: a filter is added once per logger."""
-    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")  # created now if bitsandbytes is not imported yet
-    if not any(isinstance(f, _DropMessage) for f in bnb.filters):
-        bnb.addFilter(_DropMessage(_BNB_KERNELS))
+    # The loggers are created now if those libraries are not imported yet; they keep the filter when they are
+    for name, pattern in (("bitsandbytes.backends.cpu.ops", _BNB_KERNELS), ("DeepSpeed", _DEEPSPEED_CPU)):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) for f in logger.filters):
+            logger.addFilter(_DropMessage(pattern))
     # transformers 5.2x renames `gradient_checkpointing` and warns on every TrainingArguments and model, whether or not
     # the user set it; TRL's configs still use the old name, so the user cannot act on it
     warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing` is deprecated", category=FutureWarning)

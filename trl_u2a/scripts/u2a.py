@@ -105,10 +105,40 @@ def resolve_model(name_or_path: str, output_dir: str) -> str:
     return path
 
 
+def _show_u2a_logs(training_args) -> None:
+    """U2A's INFO lines (world size, distributed type and precision; the refresh plan; the reweighting cost) on the
+    console of the main process; `--log_level` chooses another level. Python shows only warnings otherwise."""
+    import logging
+
+    from accelerate import PartialState
+
+    logger = logging.getLogger("trl_u2a")
+    if logger.handlers:  # configured by the caller
+        return
+    if training_args.log_level != "passive":
+        level = training_args.get_process_log_level()
+    else:
+        level = logging.INFO if PartialState().is_main_process else logging.WARNING
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
 def main(script_args, training_args, model_args):
     from trl import get_peft_config, get_quantization_config
 
     from trl_u2a import U2ATrainer
+
+    _show_u2a_logs(training_args)
+    if training_args.disable_tqdm:
+        # The whole process is this run: loading and saving bars (transformers) and map bars (datasets) go too
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
 
     model_init_kwargs = dict(
         revision=model_args.model_revision,
