@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..core.modeling import eval_mode
@@ -160,10 +161,12 @@ def tracked_parameters(model: nn.Module, warn: bool = True) -> list[nn.Parameter
     """The trainable parameters that `v` and the scores are computed over.
 
     Normally the covered parameters (`resolve_tracking`); trainable parameters outside them are excluded from `v`
-    and from every score, with ONE warning naming them and their share. If no trainable parameter is covered,
-    all trainable parameters are returned and scoring falls back to the (slow) brute-force path, with a warning.
+    and from every score, with ONE warning (on rank 0) naming them and their share. If no trainable parameter is
+    covered, all trainable parameters are returned and scoring falls back to the (slow) brute-force path, warning.
     """
     tracking = resolve_tracking(model)
+    # Every rank holds the same parameters: one rank says it
+    warn = warn and not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
     if not tracking.params:
         trainable = unique_params([p for p in unwrap_model(model).parameters() if p.requires_grad])
         if not trainable:
