@@ -162,7 +162,7 @@ def tracked_parameters(model: nn.Module, warn: bool = True) -> list[nn.Parameter
 
     Normally the covered parameters (`resolve_tracking`); trainable parameters outside them are excluded from `v`
     and from every score, with ONE warning (on rank 0) naming them and their share. If no trainable parameter is
-    covered, all trainable parameters are returned and scoring falls back to the (slow) brute-force path, warning.
+    covered, all trainable parameters are returned and scoring falls back to the slow brute-force path (warned).
     """
     tracking = resolve_tracking(model)
     # Every rank holds the same parameters: one rank says it
