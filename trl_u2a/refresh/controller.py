@@ -20,12 +20,12 @@ controller talks to the training loop through `RefreshHost` only; `refresh.callb
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Any
 
 import torch
-from accelerate.logging import get_logger
 from torch import nn
 
 from ..core.modeling import PADDING, move_batch, sequence_logps
@@ -46,9 +46,9 @@ from ..influence import (
 )
 from .guards import CollapseGuard, StopRule
 from .host import RefreshHost
-from .record import RefreshRecord, TraceWriter
+from .record import RefreshRecord, TraceWriter, refresh_metrics, reweighting_cost
 
-logger = get_logger(__name__)
+logger = logging.getLogger(__name__)
 
 RETAIN_SAMPLE = 64
 # Mean |s| below which the scores are reported as negligible (memorised negatives: near-zero gradients)
@@ -105,7 +105,9 @@ class RefreshController:
         self.in_training = in_training
         self.trace = TraceWriter(args.output_dir)
         self.stop_rule = StopRule(args.patience, args.retain_nll_tolerance)
-        self.collapse_guard = CollapseGuard(enabled=args.retain_nll_tolerance is not None and not host.is_sharded)
+        self.collapse_guard = CollapseGuard(
+            enabled=args.retain_nll_tolerance is not None and not host.is_sharded, say=self._say
+        )
 
         self.refresh_index = 0  # refreshes done
         self.history: list[RefreshRecord] = []
@@ -118,6 +120,11 @@ class RefreshController:
         self._lr_sum = 0.0
         self._warned_no_retain = False
         self._window_start: float | None = None  # when the last refresh ended (wall clock of this process)
+
+    def _say(self, level: int, message: str) -> None:
+        """Log on the main process only (every rank runs the same refresh)."""
+        if self.host.sharding.is_main_process:
+            logger.log(level, message)
 
     # ---------------------------------------------------------------- driving
     def begin(self, step: int, max_steps: int) -> RefreshRecord | None:
@@ -219,7 +226,7 @@ class RefreshController:
         reason = self.stop_rule.check(record)
         if reason is not None:
             record["stopped"] = reason
-            logger.warning(f"U2A early stop at step {step}: {reason}.", main_process_only=True)
+            self._say(logging.WARNING, f"U2A early stop at step {step}: {reason}.")
         if record.get("collapsed"):
             restored = self.collapse_guard.restore(model)
             if restored is not None:
@@ -242,10 +249,10 @@ class RefreshController:
                 f"non-finite alignment objective ({record['objective']}) or scores "
                 f"({int((~finite).sum())} of {len(scores)})"
             )
-            logger.warning(
+            self._say(
+                logging.WARNING,
                 f"U2A refresh {self.refresh_index} at step {record['step']} skipped: {record['skipped']}. The "
                 "weights stay as they were.",
-                main_process_only=True,
             )
             return
         new_state, info = refresh_weights(
@@ -269,17 +276,17 @@ class RefreshController:
                 )
             # The brake of re-selection: nothing is predicted to help any more, so stop with the last weights
             record["stopped"] = "no negative has a positive influence score any more"
-            logger.warning(
+            self._say(
+                logging.WARNING,
                 f"U2A early stop at step {record['step']}: {record['stopped']}; the weights stay as they were.",
-                main_process_only=True,
             )
         else:
             host.set_weights(new_state)
         if info["score_scale"] < NEGLIGIBLE_SCORE_SCALE:
-            logger.warning(
+            self._say(
+                logging.WARNING,
                 f"U2A refresh {self.refresh_index}: the scores are negligible (mean |s| = {info['score_scale']:.3g}). "
                 "The model may have memorised its negatives (near-zero gradients), and the selection is then noise.",
-                main_process_only=True,
             )
 
     def _close_window(self, previous: RefreshRecord, objective: float) -> None:
@@ -305,47 +312,37 @@ class RefreshController:
         rows = refresh_rows(self.pairs_later, self.pool_size, rescored)
         if args.reweight_steps is None:
             steps = refresh_steps(max_steps, self.rows_per_step, rows, args.reweight_overhead, start=self.initial_step)
-            logger.info(
+            self._say(
+                logging.INFO,
                 f"U2A: {len(steps)} refreshes after the initial pass, after steps {steps} of {max_steps} (each about "
                 f"{rows} row passes, {args.reweight_overhead:.0%} of the training compute in all).",
-                main_process_only=True,
             )
             return steps
         share = rows / (args.reweight_steps * self.rows_per_step)
         if share > args.reweight_overhead:
-            logger.warning(
+            self._say(
+                logging.WARNING,
                 f"reweight_steps={args.reweight_steps}: each refresh costs about {rows} row passes (2 x "
                 f"{self.pairs_later} alignment pairs + a pool of {self.pool_size} + {rescored} rescored negatives), "
                 f"{share:.0%} of the {args.reweight_steps} x {self.rows_per_step} rows trained between two refreshes, "
                 f"above reweight_overhead={args.reweight_overhead}. Leave reweight_steps=None to place the refreshes "
                 "within that bound, or raise reweight_steps or the effective batch (docs/usage.md).",
-                main_process_only=True,
             )
         return fixed_steps(max_steps, args.reweight_steps, start=self.initial_step)
 
     def _report_cost(self) -> dict[str, float]:
-        """What reweighting cost, logged and returned for the last record: the initial pass as a multiple of one
-        training pass over its candidates, and the later refreshes as a share of the training time."""
-        records = [r for r in self.history if r.get("refresh") is not None]
-        if not records:
-            return {}
-        windows = sum(r.get("window_seconds", 0.0) for r in records)
-        trained_rows = records[-1]["step"] * self.rows_per_step
-        if windows <= 0 or trained_rows <= 0:
-            return {}
-        initial = records[0]
-        seconds_per_row = windows / trained_rows
-        cost = {
-            "initial_pass_seconds": initial["refresh_seconds"],
-            "initial_pass_multiple": initial["refresh_seconds"] / (seconds_per_row * max(1, initial["num_scored"])),
-            "reweight_share": sum(r["refresh_seconds"] for r in records[1:]) / windows,
-        }
-        logger.info(
-            f"U2A reweighting cost: the initial pass {cost['initial_pass_seconds']:.1f} s "
-            f"({cost['initial_pass_multiple']:.2f}x one training pass over its {initial['num_scored']} candidates); "
-            f"the {len(records) - 1} later refreshes {cost['reweight_share']:.1%} of the training time.",
-            main_process_only=True,
-        )
+        """What reweighting cost (`record.reweighting_cost`), logged and returned for the last record."""
+        cost = reweighting_cost(self.history, self.rows_per_step)
+        if cost:
+            initial = self.history[0]
+            self._say(
+                logging.INFO,
+                f"U2A reweighting cost: the initial pass {cost['initial_pass_seconds']:.1f} s "
+                f"({cost['initial_pass_multiple']:.2f}x one training pass over its {initial['num_scored']} "
+                f"candidates); the {cost['later_refreshes']} later refreshes {cost['reweight_share']:.1%} of the "
+                "training time.",
+            )
+            del cost["later_refreshes"]
         return cost
 
     def _final_objective(self, step: int, extra: dict[str, Any]) -> float:
@@ -476,7 +473,9 @@ class RefreshController:
         host = self.host
         if host.num_retain == 0:
             if not self._warned_no_retain:
-                logger.warning("retain_nll_tolerance is set but train_dataset has no retain rows; it is ignored.")
+                self._say(
+                    logging.WARNING, "retain_nll_tolerance is set but train_dataset has no retain rows; it is ignored."
+                )
                 self._warned_no_retain = True
             return None
         local, padding = host.sharding.chunk(list(range(min(RETAIN_SAMPLE, host.num_retain))))
@@ -503,9 +502,8 @@ class RefreshController:
         model = self.host.policy()
         if not resolve_tracking(model).covers(self.query):
             # e.g. DoRA: its weights act outside the module calls the ghost hooks see, so scoring is brute force
-            logger.info(
-                "in_training_scores is off: the query covers parameters the ghost scorer cannot hook.",
-                main_process_only=True,
+            self._say(
+                logging.INFO, "in_training_scores is off: the query covers parameters the ghost scorer cannot hook."
             )
             self.in_training = False
             return
@@ -542,26 +540,8 @@ class RefreshController:
 
     # ---------------------------------------------------------------- output
     def _log(self, record: RefreshRecord, ids: torch.Tensor, scores: torch.Tensor) -> None:
-        metrics = {}
-        for key in (
-            "objective",
-            "n_selected",
-            "entropy",
-            "score_median",
-            "score_q25",
-            "score_q75",
-            "score_scale",
-            "fraction_positive",
-            "predicted_gain",
-            "retain_nll",
-            "refresh_seconds",
-        ):
-            value = record.get(key)
-            if value is not None:
-                metrics[f"u2a/{key}"] = float(value)
-        if self.history and "realised_change" in self.history[-1]:
-            metrics["u2a/objective_change"] = self.history[-1]["realised_change"]
-            metrics["u2a/objective_change_predicted"] = self.history[-1]["predicted_change"]
+        previous = self.history[-1] if self.history else None
+        metrics = refresh_metrics(record, previous)
         self.host.log_metrics(metrics)
         if self.host.sharding.is_main_process:
             record["weights"] = self.host.weight_state.weights.tolist()

@@ -3,7 +3,9 @@ the last parameters that passed the collapse guard."""
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -68,8 +70,9 @@ class CollapseGuard:
     later refresh finds the model collapsed. Only for small trainable sets (adapters) of unsharded parameters
     (`enabled` is False under DeepSpeed or FSDP, or without `retain_nll_tolerance`)."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, say: Callable[[int, str], None]):
         self.enabled = enabled
+        self.say = say  # `say(level, message)`: logs once for all ranks
         self._good: tuple[int, dict[str, torch.Tensor]] | None = None
 
     def snapshot(self, model: nn.Module, step: int) -> None:
@@ -84,13 +87,11 @@ class CollapseGuard:
     def restore(self, model: nn.Module) -> int | None:
         """Copy the snapshot back into `model`; the step it was taken at, or None when there is none (a warning says
         what to do)."""
-        from .controller import logger
-
         if self._good is None:
-            logger.warning(
+            self.say(
+                logging.WARNING,
                 "The collapsed model is not restored: no snapshot of the trainable parameters was kept (sharded "
                 f"parameters, or more than {SNAPSHOT_MAX_NUMEL} of them); use the last checkpoint before the collapse.",
-                main_process_only=True,
             )
             return None
         step, saved = self._good
@@ -98,8 +99,8 @@ class CollapseGuard:
             for name, p in model.named_parameters():
                 if name in saved:
                     p.copy_(saved[name].to(p.device))
-        logger.warning(
+        self.say(
+            logging.WARNING,
             f"Restored the trainable parameters of step {step}, the last refresh that passed the collapse guard.",
-            main_process_only=True,
         )
         return step

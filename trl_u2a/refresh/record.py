@@ -71,6 +71,53 @@ class RefreshRecord(TypedDict, total=False):
     last_scores: dict[int, float]  # negative id -> score, of the candidates of this refresh
 
 
+# What each refresh logs (as `u2a/<key>`), when the record has it
+LOGGED_KEYS = (
+    "objective",
+    "n_selected",
+    "entropy",
+    "score_median",
+    "score_q25",
+    "score_q75",
+    "score_scale",
+    "fraction_positive",
+    "predicted_gain",
+    "retain_nll",
+    "refresh_seconds",
+)
+
+
+def refresh_metrics(record: RefreshRecord, previous: RefreshRecord | None) -> dict[str, float]:
+    """The `u2a/*` metrics of a refresh, with the realised and predicted change of `J` over the window `previous`
+    opened (its record is closed by then)."""
+    metrics = {f"u2a/{key}": float(record[key]) for key in LOGGED_KEYS if record.get(key) is not None}
+    if previous is not None and "realised_change" in previous:
+        metrics["u2a/objective_change"] = previous["realised_change"]
+        metrics["u2a/objective_change_predicted"] = previous["predicted_change"]
+    return metrics
+
+
+def reweighting_cost(history: list[RefreshRecord], rows_per_step: int) -> dict[str, float]:
+    """What reweighting cost, from the refreshes' wall times: the initial pass in seconds and as a multiple of one
+    training pass over its candidates, and the later refreshes as a share of the training time (`later_refreshes`
+    of them). Empty before any training window."""
+    records = [r for r in history if r.get("refresh") is not None]
+    if not records:
+        return {}
+    windows = sum(r.get("window_seconds", 0.0) for r in records)
+    trained_rows = records[-1]["step"] * rows_per_step
+    if windows <= 0 or trained_rows <= 0:
+        return {}
+    initial = records[0]
+    seconds_per_row = windows / trained_rows
+    return {
+        "initial_pass_seconds": initial["refresh_seconds"],
+        "initial_pass_multiple": initial["refresh_seconds"] / (seconds_per_row * max(1, initial["num_scored"])),
+        "reweight_share": sum(r["refresh_seconds"] for r in records[1:]) / windows,
+        "later_refreshes": len(records) - 1,
+    }
+
+
 class TraceWriter:
     """Appends refreshes to the JSONL files of `output_dir` (call it on the main process only)."""
 
