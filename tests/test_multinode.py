@@ -136,3 +136,69 @@ def test_two_nodes_on_loopback_match_one_process(tmp_path):
     moved = max((params_one[k] - start_one[k]).abs().max().item() for k in params_one)
     difference = max((params_two[k] - params_one[k]).abs().max().item() for k in params_one)
     assert moved > 1e-3 and difference <= 1e-6, (moved, difference)
+
+
+SBATCH = ROOT / "recipes" / "slurm" / "u2a_multinode.sbatch"
+# Stand-ins for Slurm and the launcher: `srun` runs its command once per node with that node's SLURM_NODEID,
+# `scontrol show hostnames` lists the allocation, `accelerate` writes the arguments each node would launch with
+STUBS = {
+    "srun": '[ "$1" = --kill-on-bad-exit=1 ] && shift\nfor ((id = 0; id < SLURM_NNODES; id++)); do\n'
+    '  SLURM_NODEID=$id "$@" || exit $?\ndone\n',
+    "scontrol": '[ "$*" = "show hostnames $SLURM_JOB_NODELIST" ] && printf "gpu-a\\ngpu-b\\n"\n',
+    "accelerate": 'printf "%s\\n" "$@" > "$LAUNCHED/node$SLURM_NODEID"\n',
+}
+
+
+def _run_sbatch(tmp_path, **env):
+    bin_dir, launched = tmp_path / "bin", tmp_path / "launched"
+    bin_dir.mkdir()
+    launched.mkdir()
+    for name, body in STUBS.items():
+        (bin_dir / name).write_text("#!/bin/bash\n" + body)
+        (bin_dir / name).chmod(0o755)
+    slurm = {"SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu-[a-b]", "SLURM_JOB_NAME": "u2a", "SLURM_JOB_ID": "42"}
+    environment = {**os.environ, **slurm, **env, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    environment["LAUNCHED"] = str(launched)
+    result = subprocess.run(["bash", str(SBATCH)], env=environment, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return [(launched / f"node{i}").read_text().splitlines() for i in (0, 1)]
+
+
+def _option(args, name):
+    return args[args.index(name) + 1]
+
+
+def test_slurm_recipe_is_valid_bash():
+    result = subprocess.run(["bash", "-n", str(SBATCH)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_slurm_recipe_launches_one_machine_rank_per_node(tmp_path):
+    nodes = _run_sbatch(tmp_path)
+    for rank, args in enumerate(nodes):
+        assert _option(args, "--machine_rank") == str(rank)
+        assert _option(args, "--num_machines") == "2"
+        assert _option(args, "--num_processes") == "16"  # in all: 8 GPUs on each of the 2 nodes
+        assert _option(args, "--main_process_ip") == "gpu-a"  # the first node, machine rank 0
+        assert _option(args, "--rdzv_backend") == "static"
+        assert _option(args, "--config_file") == "recipes/accelerate/ddp.yaml"
+        assert (ROOT / _option(args, "--config_file")).is_file() and (ROOT / _option(args, "--config")).is_file()
+        assert _option(args, "--output_dir") == "runs/u2a-42" and _option(args, "--ddp_timeout") == "1800"
+        assert "--resume_from_checkpoint" not in args
+    assert nodes[0][nodes[0].index("-m") :] == nodes[1][nodes[1].index("-m") :]  # the same run on every node
+
+
+def test_slurm_recipe_takes_its_settings_from_the_environment(tmp_path):
+    settings = {
+        "RECIPE": "recipes/full_zero3.yaml",
+        "LAUNCHER": "recipes/accelerate/zero3.yaml",
+        "GPUS_PER_NODE": "4",
+        "OUTPUT_DIR": "runs/u2a-7",
+        "RESUME": "last",
+        "MAIN_PROCESS_PORT": "29611",
+    }
+    for args in _run_sbatch(tmp_path, **settings):
+        assert _option(args, "--config") == "recipes/full_zero3.yaml"
+        assert _option(args, "--config_file") == "recipes/accelerate/zero3.yaml"
+        assert _option(args, "--num_processes") == "8" and _option(args, "--main_process_port") == "29611"
+        assert _option(args, "--output_dir") == "runs/u2a-7" and _option(args, "--resume_from_checkpoint") == "last"
