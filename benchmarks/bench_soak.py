@@ -15,8 +15,9 @@ Reported:
   the refreshes written in between, and per row (a `u2a_trace.jsonl` row is one negative of one refresh, so its rows
   per refresh follow the selection size; linear growth means constant bytes per row). Also the size of the U2A state
   in the newest checkpoint (`--save-steps`, the newest one kept).
-- Refresh time: the median `refresh_seconds` of the refreshes in the first quarter of the run against the last
-  quarter (the initial pass, which scores every negative, is left out).
+- Refresh time: the median CPU time (`time.process_time` around each refresh) and wall time (`refresh_seconds` of
+  the refresh record) of the refreshes in the first quarter of the run against the last quarter (the initial pass,
+  which scores every negative, is left out). CPU time is the clean figure on a shared machine.
 
 Usage:
     python benchmarks/bench_soak.py [--steps 2000] [--reweight-steps 10] [--json PATH] [--plot PATH]
@@ -91,26 +92,36 @@ def _lines(path: str) -> int:
         return sum(1 for _ in f)
 
 
-def make_sampler(trainer, every: int, samples: list, checkpoints: list):
+def make_sampler(trainer, every: int, samples: list, checkpoints: list, refresh_cpu: dict):
     """A callback that appends a sample to `samples` after every `every`-th optimizer step (and the last one), and the
     step and size of the U2A state (`u2a_state.json` + `u2a_state.safetensors`) of each checkpoint to
-    `checkpoints`."""
+    `checkpoints`. It also times each refresh's CPU time into `refresh_cpu` (refresh index -> seconds): the wall time
+    the refresh records counts the load of other processes on a shared machine too."""
     from transformers import TrainerCallback
 
     from trl_u2a.safe_state import STATE_JSON, STATE_TENSORS
 
     output_dir = trainer.args.output_dir
     refresh = trainer.refresh_callback
+    untimed = refresh.refresh
+
+    def timed_refresh(state, control):
+        started = time.process_time()
+        record = untimed(state, control)
+        refresh_cpu[record["refresh"]] = time.process_time() - started
+        return record
+
+    refresh.refresh = timed_refresh
 
     class Sampler(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            self.last = time.perf_counter()
+            self.last, self.last_cpu = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
             step = state.global_step
             if step % every and step != state.max_steps:
                 return
-            now = time.perf_counter()
+            now, now_cpu = time.perf_counter(), time.process_time()
             gc.collect()
             records = [r for r in refresh.history if r.get("refresh") is not None]
             samples.append(
@@ -124,10 +135,13 @@ def make_sampler(trainer, every: int, samples: list, checkpoints: list):
                     "log_history_len": len(state.log_history),
                     "trace_bytes": {name: _size(os.path.join(output_dir, name)) for name in TRACE_FILES},
                     "trace_rows": {name: _lines(os.path.join(output_dir, name)) for name in TRACE_FILES},
+                    # What the refresh history would weigh as JSON (every refresh keeps its full weight vector)
+                    "history_json_bytes": len(json.dumps(refresh.history)),
                     "window_wall_s": now - self.last,
+                    "window_cpu_s": now_cpu - self.last_cpu,
                 }
             )
-            self.last = time.perf_counter()
+            self.last, self.last_cpu = time.perf_counter(), time.process_time()
 
         def on_save(self, args, state, control, **kwargs):
             directory = os.path.join(output_dir, f"checkpoint-{state.global_step}")
@@ -218,28 +232,37 @@ def summarise(samples: list[dict], records: list[dict], checkpoints: list[dict],
             [refreshes_at(c["step"]) for c in checkpoints], [c["u2a_state_bytes"] for c in checkpoints]
         )
 
+    # The refresh history keeps every refresh's full weight vector: memory and checkpoint state linear in refreshes
+    history = {
+        "json_bytes_last": samples[-1]["history_json_bytes"],
+        "json_bytes_per_refresh": _slope([s["refreshes"] for s in samples], [s["history_json_bytes"] for s in samples])
+        if len(samples) >= 2
+        else None,
+    }
+
     later = [r for r in records if r["refresh"] > 0]
     quarter = steps / 4
-    first_q = [r["refresh_seconds"] for r in later if r["step"] <= quarter]
-    last_q = [r["refresh_seconds"] for r in later if r["step"] > steps - quarter]
     refresh = {
         "count": len(records),
         "initial_pass_s": records[0]["refresh_seconds"] if records else None,
-        "first_quarter_median_s": common.median(first_q),
-        "last_quarter_median_s": common.median(last_q),
-        "first_quarter_count": len(first_q),
-        "last_quarter_count": len(last_q),
+        "initial_pass_cpu_s": records[0]["refresh_cpu_seconds"] if records else None,
         "num_scored_in_training_median": common.median([r["num_scored_in_training"] for r in later]),
         "num_scored_median": common.median([r["num_scored"] for r in later]),
     }
-    refresh["last_over_first"] = (
-        refresh["last_quarter_median_s"] / refresh["first_quarter_median_s"] if first_q and last_q else None
-    )
-    return {"rss": rss, "trace": trace, "checkpoint": checkpoint, "refresh": refresh}
+    for clock, key in (("wall", "refresh_seconds"), ("cpu", "refresh_cpu_seconds")):
+        first_q = [r[key] for r in later if r["step"] <= quarter]
+        last_q = [r[key] for r in later if r["step"] > steps - quarter]
+        refresh[f"{clock}_first_quarter_median_s"] = common.median(first_q)
+        refresh[f"{clock}_last_quarter_median_s"] = common.median(last_q)
+        refresh[f"{clock}_last_over_first"] = (
+            common.median(last_q) / common.median(first_q) if first_q and last_q else None
+        )
+        refresh["first_quarter_count"], refresh["last_quarter_count"] = len(first_q), len(last_q)
+    return {"rss": rss, "trace": trace, "checkpoint": checkpoint, "history": history, "refresh": refresh}
 
 
 def plot(samples: list[dict], records: list[dict], path: str, warmup_steps: int) -> None:
-    """RSS (left axis, with the +5 % line over the first sample after warm-up) and each refresh's wall time (right
+    """RSS (left axis, with the +5 % line over the first sample after warm-up) and each refresh's CPU time (right
     axis) against the optimizer step."""
     import matplotlib
 
@@ -262,13 +285,13 @@ def plot(samples: list[dict], records: list[dict], path: str, warmup_steps: int)
     ax2 = ax.twinx()
     ax2.plot(
         [r["step"] for r in later],
-        [r["refresh_seconds"] for r in later],
+        [r["refresh_cpu_seconds"] for r in later],
         ".",
         color="tab:orange",
         alpha=0.6,
         label="refresh time",
     )
-    ax2.set_ylabel("refresh wall time (s)", color="tab:orange")
+    ax2.set_ylabel("refresh CPU time (s)", color="tab:orange")
     ax2.set_ylim(bottom=0)
     ax.set_title(
         f"Soak: {samples[-1]['step']:,} steps, a refresh every {records[1]['step'] - records[0]['step']} steps"
@@ -277,7 +300,7 @@ def plot(samples: list[dict], records: list[dict], path: str, warmup_steps: int)
     labels = [f"RSS (every {samples[1]['step'] - samples[0]['step']} steps)" if len(samples) > 1 else "RSS"]
     if warmup is not None:
         labels.append(f"RSS +{100 * RSS_TARGET:.0f} % over step {warmup['step']} (target)")
-    ax.legend(handles, [*labels, "refresh time (each refresh)"], loc="lower right")
+    ax.legend(handles, [*labels, "refresh CPU time (each refresh)"], loc="lower right")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
@@ -287,7 +310,7 @@ def plot(samples: list[dict], records: list[dict], path: str, warmup_steps: int)
 def print_report(result: dict) -> None:
     print(
         f"\n{'step':>6s} {'RSS MiB':>8s} {'objects':>9s} {'refreshes':>9s} {'trace KiB':>10s} {'ckpt state KiB':>14s} "
-        f"{'window s':>9s}"
+        f"{'history KiB':>11s} {'window cpu s':>12s}"
     )
     saved = {c["step"]: c["u2a_state_bytes"] for c in result["summary"]["checkpoint"]["saved"]}
     for s in result["samples"]:
@@ -295,7 +318,7 @@ def print_report(result: dict) -> None:
         print(
             f"{s['step']:6d} {s['rss_mib']:8.1f} {s['python_objects']:9d} {s['refreshes']:9d} "
             f"{s['trace_bytes']['u2a_trace.jsonl'] / 1024:10.1f} {saved[state] / 1024 if state else 0:14.1f} "
-            f"{s['window_wall_s']:9.1f}"
+            f"{s['history_json_bytes'] / 1024:11.1f} {s['window_cpu_s']:12.1f}"
         )
     summary = result["summary"]
     rss, refresh = summary["rss"], summary["refresh"]
@@ -317,12 +340,19 @@ def print_report(result: dict) -> None:
             + ", ".join(f"step {step}: {size:,} bytes" for step, size in saved.items())
             + f" ({summary['checkpoint']['u2a_state_bytes_per_refresh']:+,.0f} bytes per refresh)"
         )
-    print(
-        f"refresh time (median): first quarter {refresh['first_quarter_median_s']:.3f} s, last quarter "
-        f"{refresh['last_quarter_median_s']:.3f} s"
-        + (f" (ratio {refresh['last_over_first']:.3f})" if refresh["last_over_first"] is not None else "")
-        + f"; {refresh['count']} refreshes"
-    )
+    if summary["history"]["json_bytes_per_refresh"] is not None:
+        print(
+            f"refresh history: {summary['history']['json_bytes_last']:,} bytes as JSON at the end "
+            f"({summary['history']['json_bytes_per_refresh']:+,.0f} bytes per refresh)"
+        )
+    for clock in ("cpu", "wall"):
+        ratio = refresh[f"{clock}_last_over_first"]
+        print(
+            f"refresh {clock} time (median): first quarter {refresh[f'{clock}_first_quarter_median_s']:.3f} s, last "
+            f"quarter {refresh[f'{clock}_last_quarter_median_s']:.3f} s"
+            + (f" (ratio {ratio:.3f})" if ratio is not None else "")
+            + f"; {refresh['count']} refreshes"
+        )
 
 
 def main(argv=None):
@@ -343,11 +373,19 @@ def main(argv=None):
     trainer.remove_callback(PrinterCallback)  # a line per refresh; the samples are the report
     samples: list[dict] = []
     checkpoints: list[dict] = []
-    trainer.add_callback(make_sampler(trainer, args.sample_every, samples, checkpoints))
+    refresh_cpu: dict[int, float] = {}
+    trainer.add_callback(make_sampler(trainer, args.sample_every, samples, checkpoints, refresh_cpu))
     started = time.perf_counter()
     trainer.train()
     elapsed = time.perf_counter() - started
-    records = [r for r in trainer.refresh_callback.history if r.get("refresh") is not None]
+    records = [
+        {
+            **{k: r[k] for k in ("refresh", "step", "refresh_seconds", "num_scored", "num_scored_in_training")},
+            "refresh_cpu_seconds": refresh_cpu[r["refresh"]],
+        }
+        for r in trainer.refresh_callback.history
+        if r.get("refresh") is not None
+    ]
     result = {
         "command": "python benchmarks/bench_soak.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "config": {k: v for k, v in vars(args).items() if k not in ("json", "plot", "workdir")},
@@ -355,10 +393,7 @@ def main(argv=None):
         "in_training_scores_active": trainer.refresh_callback.in_training,
         "train_wall_s": elapsed,
         "samples": samples,
-        "refreshes": [
-            {k: r[k] for k in ("refresh", "step", "refresh_seconds", "num_scored", "num_scored_in_training")}
-            for r in records
-        ],
+        "refreshes": records,
         "summary": summarise(samples, records, checkpoints, args.steps, args.warmup_steps),
     }
     print_report(result)

@@ -230,6 +230,7 @@ def test_bench_soak_smoke(tmp_path, isolated):
     assert [r["step"] for r in report["refreshes"]] == [0, 5, 10, 15, 20, 25]
     assert [s["refreshes"] for s in report["samples"]] == [3, 5, 6]
     assert all(r["num_scored_in_training"] > 0 for r in report["refreshes"][1:])
+    assert all(r["refresh_cpu_seconds"] > 0 for r in report["refreshes"])
     # one refresh record per refresh; every refresh writes trace rows
     for sample in report["samples"]:
         assert sample["trace_rows"]["u2a_refreshes.jsonl"] == sample["refreshes"]
@@ -239,4 +240,6 @@ def test_bench_soak_smoke(tmp_path, isolated):
     assert [c["step"] for c in summary["checkpoint"]["saved"]] == [20, 30]
     assert all(c["u2a_state_bytes"] > 0 for c in summary["checkpoint"]["saved"])
     assert summary["refresh"]["count"] == 6 and summary["refresh"]["first_quarter_count"] >= 1
+    history = [s["history_json_bytes"] for s in report["samples"]]
+    assert history == sorted(history) and summary["history"]["json_bytes_per_refresh"] > 0
     assert png.stat().st_size > 0
