@@ -17,7 +17,9 @@ Reported:
   in the newest checkpoint (`--save-steps`, the newest one kept).
 - Refresh time: the median CPU time (`time.process_time` around each refresh) and wall time (`refresh_seconds` of
   the refresh record) of the refreshes in the first quarter of the run against the last quarter (the initial pass,
-  which scores every negative, is left out). CPU time is the clean figure on a shared machine.
+  which scores every negative, is left out), and the refreshes' share of the CPU time of each window between two
+  samples (refresh CPU over the rest of the window's CPU): load from other processes on a shared machine slows
+  refreshes and training steps alike, so a creep of the refresh itself shows in the share.
 
 Usage:
     python benchmarks/bench_soak.py [--steps 2000] [--reweight-steps 10] [--json PATH] [--plot PATH]
@@ -258,6 +260,19 @@ def summarise(samples: list[dict], records: list[dict], checkpoints: list[dict],
             common.median(last_q) / common.median(first_q) if first_q and last_q else None
         )
         refresh["first_quarter_count"], refresh["last_quarter_count"] = len(first_q), len(last_q)
+    # Load from other processes slows the refreshes and the training steps alike (CPU time too, through shared caches
+    # and cores); the refreshes' CPU time over the rest of the same window's CPU time does not move with it. A refresh
+    # after step s runs before the sample at step s (the trainer's callback comes first).
+    shares = []
+    for a, b in zip([None, *samples], samples):
+        start = a["step"] if a else 0
+        spent = sum(r["refresh_cpu_seconds"] for r in later if start < r["step"] <= b["step"])
+        shares.append({"step": b["step"], "share": spent / (b["window_cpu_s"] - spent)})
+    refresh["cpu_share_of_training_by_window"] = shares
+    first_q = [w["share"] for w in shares if w["step"] <= quarter]
+    last_q = [w["share"] for w in shares if w["step"] > steps - quarter]
+    refresh["cpu_share_first_quarter_median"] = common.median(first_q)
+    refresh["cpu_share_last_quarter_median"] = common.median(last_q)
     return {"rss": rss, "trace": trace, "checkpoint": checkpoint, "history": history, "refresh": refresh}
 
 
@@ -345,6 +360,10 @@ def print_report(result: dict) -> None:
             f"refresh history: {summary['history']['json_bytes_last']:,} bytes as JSON at the end "
             f"({summary['history']['json_bytes_per_refresh']:+,.0f} bytes per refresh)"
         )
+    print(
+        f"refresh CPU over the training CPU of its window (median): first quarter "
+        f"{refresh['cpu_share_first_quarter_median']:.3f}, last quarter {refresh['cpu_share_last_quarter_median']:.3f}"
+    )
     for clock in ("cpu", "wall"):
         ratio = refresh[f"{clock}_last_over_first"]
         print(

@@ -240,6 +240,9 @@ def test_bench_soak_smoke(tmp_path, isolated):
     assert [c["step"] for c in summary["checkpoint"]["saved"]] == [20, 30]
     assert all(c["u2a_state_bytes"] > 0 for c in summary["checkpoint"]["saved"])
     assert summary["refresh"]["count"] == 6 and summary["refresh"]["first_quarter_count"] >= 1
+    # each window between two samples holds refreshes: 5 and 10 | 15 and 20 | 25
+    shares = summary["refresh"]["cpu_share_of_training_by_window"]
+    assert [w["step"] for w in shares] == [10, 20, 30] and all(w["share"] > 0 for w in shares)
     history = [s["history_json_bytes"] for s in report["samples"]]
     assert history == sorted(history) and summary["history"]["json_bytes_per_refresh"] > 0
     assert png.stat().st_size > 0
