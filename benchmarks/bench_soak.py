@@ -277,8 +277,8 @@ def summarise(samples: list[dict], records: list[dict], checkpoints: list[dict],
 
 
 def plot(samples: list[dict], records: list[dict], path: str, warmup_steps: int) -> None:
-    """RSS (left axis, with the +5 % line over the first sample after warm-up) and each refresh's CPU time (right
-    axis) against the optimizer step."""
+    """Two panels against the optimizer step: RSS with the +5 % line over the first sample after warm-up, and each
+    refresh's CPU time."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -286,36 +286,31 @@ def plot(samples: list[dict], records: list[dict], path: str, warmup_steps: int)
     from matplotlib.ticker import MaxNLocator
 
     warmup = next((s for s in samples if s["step"] >= warmup_steps), None)
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    ax.plot([s["step"] for s in samples], [s["rss_mib"] for s in samples], "o-", color="tab:blue", label="RSS")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("resident memory (MiB)", color="tab:blue")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if warmup is not None:
-        limit = warmup["rss_mib"] * (1 + RSS_TARGET)
-        ax.axhline(limit, color="tab:blue", linestyle="--", linewidth=1, label="target")
-    low, high = min(s["rss_mib"] for s in samples), max(s["rss_mib"] for s in samples)
-    ax.set_ylim(low * 0.9, high * 1.1)  # ±10 % around the samples: a 5 % growth is visible, noise is not magnified
     later = [r for r in records if r["refresh"] > 0]
-    ax2 = ax.twinx()
-    ax2.plot(
-        [r["step"] for r in later],
-        [r["refresh_cpu_seconds"] for r in later],
-        ".",
-        color="tab:orange",
-        alpha=0.6,
-        label="refresh time",
-    )
-    ax2.set_ylabel("refresh CPU time (s)", color="tab:orange")
-    ax2.set_ylim(bottom=0)
-    ax.set_title(
-        f"Soak: {samples[-1]['step']:,} steps, a refresh every {records[1]['step'] - records[0]['step']} steps"
-    )
-    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    labels = [f"RSS (every {samples[1]['step'] - samples[0]['step']} steps)" if len(samples) > 1 else "RSS"]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), dpi=120, sharex=True)
+    every = samples[1]["step"] - samples[0]["step"] if len(samples) > 1 else samples[0]["step"]
+    top.plot([s["step"] for s in samples], [s["rss_mib"] for s in samples], "o-", label=f"RSS, every {every} steps")
     if warmup is not None:
-        labels.append(f"RSS +{100 * RSS_TARGET:.0f} % over step {warmup['step']} (target)")
-    ax.legend(handles, [*labels, "refresh CPU time (each refresh)"], loc="lower right")
+        top.axhline(
+            warmup["rss_mib"] * (1 + RSS_TARGET),
+            color="tab:red",
+            linestyle="--",
+            linewidth=1,
+            label=f"target: +{100 * RSS_TARGET:.0f} % over step {warmup['step']}",
+        )
+    low, high = min(s["rss_mib"] for s in samples), max(s["rss_mib"] for s in samples)
+    top.set_ylim(low * 0.9, high * 1.1)  # ±10 % around the samples: a 5 % growth is visible, noise is not magnified
+    top.set_ylabel("resident memory (MiB)")
+    top.legend(loc="lower right")
+    top.grid(alpha=0.3)
+    bottom.plot([r["step"] for r in later], [r["refresh_cpu_seconds"] for r in later], ".", color="tab:orange")
+    bottom.set_ylim(bottom=0)
+    bottom.set_ylabel("refresh CPU time (s)")
+    bottom.set_xlabel("optimizer step")
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    bottom.grid(alpha=0.3)
+    cadence = later[1]["step"] - later[0]["step"] if len(later) > 1 else None
+    fig.suptitle(f"Soak: {samples[-1]['step']:,} steps" + (f", a refresh every {cadence} steps" if cadence else ""))
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
