@@ -104,12 +104,13 @@ def make_sampler(trainer, every: int, samples: list, checkpoints: list, refresh_
     from trl_u2a.safe_state import STATE_JSON, STATE_TENSORS
 
     output_dir = trainer.args.output_dir
-    refresh = trainer.refresh_callback
+    # The refresh controller behind the trainer's callback: it runs the scheduled refreshes and holds their history
+    refresh = trainer.refresh_callback.controller
     untimed = refresh.refresh
 
-    def timed_refresh(state, control):
+    def timed_refresh(step):
         started = time.process_time()
-        record = untimed(state, control)
+        record = untimed(step)
         refresh_cpu[record["refresh"]] = time.process_time() - started
         return record
 
@@ -404,7 +405,7 @@ def main(argv=None):
         "command": "python benchmarks/bench_soak.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "config": {k: v for k, v in vars(args).items() if k not in ("json", "plot", "workdir")},
         "machine": common.machine_info(),
-        "in_training_scores_active": trainer.refresh_callback.in_training,
+        "in_training_scores_active": trainer.refresh_callback.controller.in_training,
         "train_wall_s": elapsed,
         "samples": samples,
         "refreshes": records,
