@@ -144,7 +144,9 @@ SBATCH = ROOT / "recipes" / "slurm" / "u2a_multinode.sbatch"
 STUBS = {
     "srun": '[ "$1" = --kill-on-bad-exit=1 ] && shift\nfor ((id = 0; id < SLURM_NNODES; id++)); do\n'
     '  SLURM_NODEID=$id "$@" || exit $?\ndone\n',
-    "scontrol": '[ "$*" = "show hostnames $SLURM_JOB_NODELIST" ] && printf "gpu-a\\ngpu-b\\n"\n',
+    # The second host comes a moment later: a reader that stops after the first line (`head -n 1`) closes the pipe
+    # first, and under `set -o pipefail` the SIGPIPE of scontrol would fail the job
+    "scontrol": '[ "$*" = "show hostnames $SLURM_JOB_NODELIST" ] && echo gpu-a && sleep 0.2 && echo gpu-b\n',
     "accelerate": 'printf "%s\\n" "$@" > "$LAUNCHED/node$SLURM_NODEID"\n',
 }
 
