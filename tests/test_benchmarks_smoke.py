@@ -210,3 +210,39 @@ def test_gpu_recipes_dry_run_on_cpu(tmp_path, isolated):
     assert code == 0 and result["rc"] == 0 and result["saved"], result["error_tail"]
     assert result["recipe"] == "pku_saferlhf.yaml" and result["launcher"] is None
     assert result["refreshes"][0]["n_selected"] > 0 and result["refreshes"][0]["step"] == 0
+
+
+@pytest.mark.slow
+def test_bench_soak_smoke(tmp_path, isolated):
+    """30 steps of the soak benchmark: a sample every 10 steps, refreshes every 5 with in-training scores, a
+    checkpoint at step 20 and 30, the summary and the plot."""
+    import bench_soak
+
+    out, png = tmp_path / "soak.json", tmp_path / "soak.png"
+    argv = ["--steps", "30", "--reweight-steps", "5", "--sample-every", "10", "--warmup-steps", "10", "--save-steps",
+            "20", "--negatives", "16", "--retain", "4", "--pairs", "4", "--batch-size", "2", "--seq-len", "32",
+            "--workdir", str(tmp_path / "work"), "--json", str(out), "--plot", str(png)]  # fmt: skip
+    bench_soak.main(argv)
+    report = json.loads(out.read_text())
+    assert report["in_training_scores_active"]
+    assert [s["step"] for s in report["samples"]] == [10, 20, 30]
+    # refreshes before step 1 and after steps 5, 10, ..., 25 (none after the last step)
+    assert [r["step"] for r in report["refreshes"]] == [0, 5, 10, 15, 20, 25]
+    assert [s["refreshes"] for s in report["samples"]] == [3, 5, 6]
+    assert all(r["num_scored_in_training"] > 0 for r in report["refreshes"][1:])
+    assert all(r["refresh_cpu_seconds"] > 0 for r in report["refreshes"])
+    # one refresh record per refresh; every refresh writes trace rows
+    for sample in report["samples"]:
+        assert sample["trace_rows"]["u2a_refreshes.jsonl"] == sample["refreshes"]
+        assert sample["trace_rows"]["u2a_trace.jsonl"] > sample["trace_rows"]["u2a_refreshes.jsonl"]
+    summary = report["summary"]
+    assert summary["rss"]["warmup_step"] == 10 and summary["rss"]["at_warmup_mib"] > 0
+    assert [c["step"] for c in summary["checkpoint"]["saved"]] == [20, 30]
+    assert all(c["u2a_state_bytes"] > 0 for c in summary["checkpoint"]["saved"])
+    assert summary["refresh"]["count"] == 6 and summary["refresh"]["first_quarter_count"] >= 1
+    # each window between two samples holds refreshes: 5 and 10 | 15 and 20 | 25
+    shares = summary["refresh"]["cpu_share_of_training_by_window"]
+    assert [w["step"] for w in shares] == [10, 20, 30] and all(w["share"] > 0 for w in shares)
+    history = [s["history_json_bytes"] for s in report["samples"]]
+    assert history == sorted(history) and summary["history"]["json_bytes_per_refresh"] > 0
+    assert png.stat().st_size > 0
