@@ -134,14 +134,21 @@ def test_in_training_scores_match_a_fresh_scoring_pass(tiny_model_path, tmp_path
         model=tiny_model_path, args=args, train_dataset=negatives, alignment_dataset=alignment, peft_config=lora
     )
     trainer.train()
-    first, second = trainer.refresh_callback.history[:2]
+    second = trainer.refresh_callback.history[1]
     assert second["num_scored_in_training"] >= 2
+    # Each refresh's scores, from the trace (memory keeps only the latest refresh's)
+    scores: dict[int, dict[int, float]] = {0: {}, 1: {}}
+    for line in (tmp_path / "u2a_trace.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["score"] is not None and row["refresh"] in scores:
+            scores[row["refresh"]][row["example_id"]] = row["score"]
+    assert scores[1] == {int(i): s for i, s in second["last_scores"].items()}
     compared = 0
-    for i, s in second["last_scores"].items():
-        if i in first["last_scores"]:
-            assert s == pytest.approx(first["last_scores"][i], rel=1e-4, abs=1e-6)
+    for i, s in scores[1].items():
+        if i in scores[0]:
+            assert s == pytest.approx(scores[0][i], rel=1e-4, abs=1e-6)
             compared += 1
-    assert compared == len(second["last_scores"])
+    assert compared == len(scores[1])
 
 
 def test_patience_stops_training_with_a_reason(tiny_model_path, tmp_path, planted, caplog):

@@ -46,7 +46,7 @@ from ..influence import (
 )
 from .guards import CollapseGuard, StopRule
 from .host import RefreshHost
-from .record import RefreshRecord, TraceWriter, refresh_metrics, reweighting_cost
+from .record import IN_MEMORY_ONLY, RefreshRecord, TraceWriter, refresh_metrics, reweighting_cost
 
 logger = logging.getLogger(__name__)
 
@@ -545,6 +545,8 @@ class RefreshController:
         self.host.log_metrics(metrics)
         if self.host.sharding.is_main_process:
             record["weights"] = self.host.weight_state.weights.tolist()
+            for previous in self.history:  # only the latest refresh's scores are kept in memory (the plots read them)
+                previous.pop("last_scores", None)
             record["last_scores"] = dict(zip(ids.tolist(), scores.tolist()))
             self.trace.write_rows(record, record["last_scores"], record["weights"], self.host.negative_names)
             self.trace.write_record(record)
@@ -553,7 +555,9 @@ class RefreshController:
     def state_dict(self) -> dict[str, Any]:
         state = {
             "refresh_index": self.refresh_index,
-            "history": self.history,
+            # Without the in-memory weight vectors and scores: they would make every checkpoint grow with
+            # refreshes x negatives (the trace files hold them)
+            "history": [{k: v for k, v in r.items() if k not in IN_MEMORY_ONLY} for r in self.history],
             "ref_pair_logps": self.ref_pair_logps,
             "lr_sum": self._lr_sum,
             "micro_batches": self._micro_batches,

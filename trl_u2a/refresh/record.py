@@ -66,9 +66,9 @@ class RefreshRecord(TypedDict, total=False):
     initial_pass_seconds: float
     initial_pass_multiple: float
     reweight_share: float
-    # In memory on the main process only (for plots and callers), never written to the JSONL
+    # In memory on the main process only (for plots and callers), never written to the JSONL or a checkpoint
     weights: list[float]  # (N,) the weights after this refresh
-    last_scores: dict[int, float]  # negative id -> score, of the candidates of this refresh
+    last_scores: dict[int, float]  # negative id -> score, of the candidates of the latest refresh only
 
 
 # What each refresh logs (as `u2a/<key>`), when the record has it
