@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from trl_u2a.trainer import checkpoint_problem, last_complete_checkpoint
 
@@ -170,3 +172,29 @@ def test_a_frozen_or_killed_rank_ends_the_run_within_ddp_timeout_and_the_resume_
     result = _run(tiny_model_path, tmp_path / "resumed.json", 2, f"output_dir={output_dir}", *RUN, "resume=true")
     _assert_same_result(result, uninterrupted)
     _assert_complete_checkpoints_have_every_rank(output_dir)
+
+
+# ------------------------------------------------------------------------------------------------ a NaN on one rank
+@pytest.mark.slow
+def test_a_nan_on_one_rank_stops_every_rank_at_that_step_with_the_same_message(tiny_model_path, tmp_path):
+    """Rank 1 alone gets a poisoned batch at step 3. With 5 negatives (5 rows ≡ 1 modulo the global batch of 4) every
+    batch ends a sampler epoch, where `gather_for_metrics` keeps only the first `5 % 4` rows of what it gathers: the
+    check on the metrics gather then saw rank 0's row alone, and rank 1 stopped while rank 0 went on into a
+    collective."""
+    out, output_dir = tmp_path / "nan.json", tmp_path / "run"
+    proc = _start(tiny_model_path, out, 2, f"output_dir={output_dir}", *RUN, "negatives=5", "nan_at=3", "fault_rank=1")
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0, output[-3000:]
+    _assert_world_size(out, 2)
+    failures = [json.loads(Path(f"{out}.rank{rank}.error.json").read_text()) for rank in (0, 1)]
+    assert failures[0]["error"] == failures[1]["error"]
+    assert failures[0]["error"].startswith("FloatingPointError: Non-finite unlearning loss at optimizer step 3 (train)")
+    assert "on rank 1 of 2" in failures[0]["error"]
+    # Both stopped at once: neither waited for the other in a collective until ddp_timeout
+    assert abs(failures[0]["time"] - failures[1]["time"]) < DDP_TIMEOUT / 2
+    # Nothing was saved after the last good step, and that checkpoint is whole and finite
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert last_complete_checkpoint(str(output_dir)).endswith("checkpoint-2")
+    _assert_complete_checkpoints_have_every_rank(output_dir)
+    model = load_file(str(output_dir / "checkpoint-2" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in model.values())

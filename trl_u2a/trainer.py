@@ -455,7 +455,6 @@ class U2ATrainer(KTOTrainer):
         return kl_to_reference(logits, ref_logits, completion_mask)
 
     def _log_batch_metrics(self, mode, losses, logps, lengths, weights, is_negative, is_retain, retain_nll):
-        gather = self.accelerator.gather_for_metrics
         stats = torch.stack(
             [
                 (torch.where(is_negative, losses, 0.0)).sum(),
@@ -465,13 +464,19 @@ class U2ATrainer(KTOTrainer):
                 is_retain.sum().to(losses.dtype),
             ]
         ).detach()
-        loss_sum, logp_sum, num_negatives, nll_sum, num_retain = gather(stats[None]).sum(0).tolist()
-        if not (math.isfinite(loss_sum) and math.isfinite(logp_sum)):
+        # One row per rank, all of them: these are per-rank sums, not samples. `gather_for_metrics` cut the rows to
+        # the dataset's remainder at a dataloader's end (every step, when the budget fits one global batch), so a NaN
+        # on rank 1 went unseen by every rank, was backpropagated into every replica and saved in a checkpoint
+        per_rank = self.accelerator.gather(stats[None]).cpu()
+        loss_sum, logp_sum, num_negatives, nll_sum, num_retain = per_rank.sum(0).tolist()
+        # Decided on the gathered values, so every rank stops at this step with this message, before the backward
+        bad = [rank for rank, row in enumerate(per_rank) if not bool(torch.isfinite(row[:2]).all())]
+        if bad:
             raise FloatingPointError(
-                f"Non-finite unlearning loss at optimizer step {self.state.global_step + 1} ({mode}): "
-                f"loss sum {loss_sum}, "
-                f"log-prob sum {logp_sum}. The learning rate may be too high (gradient-ascent collapse); the last "
-                "checkpoint holds the last good weights and adapter."
+                f"Non-finite unlearning loss at optimizer step {self.state.global_step + 1} ({mode}) on rank "
+                f"{', '.join(map(str, bad))} of {len(per_rank)}: loss sum {loss_sum}, log-prob sum {logp_sum}. The "
+                "learning rate may be too high (gradient-ascent collapse), or a batch holds a corrupt row; every "
+                "rank stops here, and the last checkpoint holds the last good weights and adapter."
             )
         metrics = self._metrics[mode]
         if num_negatives > 0:
