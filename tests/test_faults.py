@@ -7,6 +7,7 @@ recipes/accelerate/cpu_ddp.yaml`. CI runs a representative fault of each kind; `
 (fault, phase) pair and every data edge (docs/reliability.md gives the command and its last result).
 """
 
+import errno
 import json
 import os
 import re
@@ -19,8 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CHOSEN, PROMPTS, REJECTED, cpu_args
+from datasets import Dataset
 from safetensors.torch import load_file
 
+from trl_u2a import U2ATrainer
 from trl_u2a.trainer import checkpoint_problem, last_complete_checkpoint
 
 HERE = Path(__file__).parent
@@ -198,3 +202,77 @@ def test_a_nan_on_one_rank_stops_every_rank_at_that_step_with_the_same_message(t
     _assert_complete_checkpoints_have_every_rank(output_dir)
     model = load_file(str(output_dir / "checkpoint-2" / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in model.values())
+
+
+# ------------------------------------------------------------------------------- a checkpoint that cannot be written
+def _trainer(model, output_dir, **overrides) -> U2ATrainer:
+    args = dict(loss_type="npo", budget=4, reweight_steps=2, max_steps=5, save_strategy="steps", save_steps=1)
+    return U2ATrainer(
+        model=model,
+        args=cpu_args(output_dir, **{**args, **overrides}),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS + PROMPTS[:1], "completion": REJECTED + CHOSEN[:1]}),
+        alignment_dataset=Dataset.from_dict({"prompt": PROMPTS, "chosen": CHOSEN, "rejected": REJECTED}),
+    )
+
+
+def _fill_the_disk_at(trainer: U2ATrainer, step: int) -> None:
+    """The optimizer state of checkpoint `step` is cut short by a full disk."""
+    original = trainer._save_optimizer_and_scheduler
+
+    def save(output_dir):
+        if trainer.state.global_step != step:
+            return original(output_dir)
+        path = os.path.join(output_dir, "optimizer.pt")
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 half an optimizer")
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    trainer._save_optimizer_and_scheduler = save
+
+
+def _trained(trainer: U2ATrainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("failure", ["disk full", "path taken by a file"])
+def test_a_checkpoint_that_cannot_be_written_names_path_and_step_and_resume_takes_the_previous_one(
+    tiny_model_path, tmp_path, failure
+):
+    full = _trainer(tiny_model_path, tmp_path / "full")
+    full.train()
+    output_dir = tmp_path / "run"
+    trainer = _trainer(tiny_model_path, output_dir)
+    if failure == "disk full":
+        _fill_the_disk_at(trainer, 3)
+    else:
+        output_dir.mkdir(exist_ok=True)
+        (output_dir / "checkpoint-3").write_text("not a directory")
+    with pytest.raises(RuntimeError) as error:
+        trainer.train()
+    message = str(error.value)
+    assert f"Could not save checkpoint {output_dir / 'checkpoint-3'} at optimizer step 3" in message
+    assert "No space left on device" in message if failure == "disk full" else "FileExistsError" in message
+    assert f"resume_from_checkpoint=True picks up, is {output_dir / 'checkpoint-2'}" in message
+    assert checkpoint_problem(str(output_dir / "checkpoint-3")) is not None
+    assert last_complete_checkpoint(str(output_dir)) == str(output_dir / "checkpoint-2")
+
+    if failure != "disk full":
+        (output_dir / "checkpoint-3").unlink()  # the user frees the path
+    resumed = _trainer(tiny_model_path, output_dir)
+    resumed.train(resume_from_checkpoint=True)
+    assert torch.equal(resumed.weight_state.weights, full.weight_state.weights)
+    expected = _trained(full)
+    assert all(torch.equal(value, expected[name]) for name, value in _trained(resumed).items())
+
+
+def test_a_failed_resave_of_a_complete_checkpoint_leaves_it_incomplete(tiny_model_path, tmp_path):
+    """Resuming from an earlier checkpoint saves over later ones: a failure there must not leave the old
+    `trainer_state.json` marking new, partial files as complete."""
+    _trainer(tiny_model_path, tmp_path, max_steps=3).train()
+    assert checkpoint_problem(str(tmp_path / "checkpoint-3")) is None
+    again = _trainer(tiny_model_path, tmp_path, max_steps=3)
+    _fill_the_disk_at(again, 3)
+    with pytest.raises(RuntimeError, match="at optimizer step 3"):
+        again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert "trainer_state.json is missing" in checkpoint_problem(str(tmp_path / "checkpoint-3"))
+    assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
