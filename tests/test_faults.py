@@ -134,7 +134,7 @@ CI_FAULTS = FAULTS[:2]
     ],
 )
 def test_a_frozen_or_killed_rank_ends_the_run_within_ddp_timeout_and_the_resume_matches(
-    tiny_model_path, tmp_path, uninterrupted, sig, where, last
+    tiny_model_path, tmp_path, uninterrupted, sig, where, last, record_property
 ):
     out, output_dir = tmp_path / "fault.json", tmp_path / "run"
     proc = _start(
@@ -152,6 +152,7 @@ def test_a_frozen_or_killed_rank_ends_the_run_within_ddp_timeout_and_the_resume_
             time.sleep(0.2)
         exited = time.time() - struck
         assert not _alive(pids[0]), f"rank 0 still runs {exited:.0f} s after rank 1 got SIG{sig} at {where}"
+        record_property("rank0_exit_seconds", round(exited, 1))  # the figure of docs/reliability.md (--junitxml)
     finally:
         # A frozen rank 1 would hold the launcher for its 30 s grace period; anything left after a failure goes too
         for pid in pids:
@@ -276,3 +277,33 @@ def test_a_failed_resave_of_a_complete_checkpoint_leaves_it_incomplete(tiny_mode
         again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert "trainer_state.json is missing" in checkpoint_problem(str(tmp_path / "checkpoint-3"))
     assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
+
+
+# --------------------------------------------------------------------------------------------- unequal data per rank
+EDGES = {
+    # One negative, so both ranks train the same row; one alignment pair, so rank 1 holds only padding in ∇J, J and
+    # the reference log-probs; the pool asks for 8 of the 0 unselected negatives
+    "one negative": ["negatives=1", "budget=1", "pairs=1", "pool_size=8"],
+    # A budget of one negative out of 3 (a number the 2 ranks do not divide), one pair, a pool of 8 for 2 candidates
+    "budget of one": ["negatives=3", "budget=0.1", "pairs=1", "pool_size=8"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("edge", list(EDGES))
+def test_unequal_data_per_rank_at_the_edges_matches_one_process(tiny_model_path, tmp_path, edge):
+    common = ["max_steps=4", f"ddp_timeout={DDP_TIMEOUT}", *EDGES[edge]]
+    one = _start(tiny_model_path, tmp_path / "one.json", 1, f"output_dir={tmp_path / 'one'}", *common)
+    two = _run(tiny_model_path, tmp_path / "two.json", 2, f"output_dir={tmp_path / 'two'}", *common)
+    output, _ = one.communicate(timeout=600)
+    assert one.returncode == 0, output[-3000:]
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert one["num_processes"] == 1
+    # Refreshes after steps 0 and 2, each selecting the budget of one negative, then J after training
+    assert two["selected_history"] == one["selected_history"] == [1, 1, None]
+    assert [w > 0 for w in two["weights"]] == [w > 0 for w in one["weights"]]
+    torch.testing.assert_close(torch.tensor(two["weights"]), torch.tensor(one["weights"]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(two["objective"]), torch.tensor(one["objective"]), rtol=1e-6, atol=0)
+    for name, value in one["params"].items():
+        # The tolerance of test_two_processes_match_one_process: Adam magnifies reduction-order differences
+        torch.testing.assert_close(torch.tensor(two["params"][name]), torch.tensor(value), rtol=0, atol=5e-5)

@@ -53,7 +53,7 @@ def main():
         max_length=64,
         seed=0,
         loss_type=overrides.pop("loss_type", "npo"),
-        budget=json.loads(overrides.pop("budget", "4")),  # 1 is one negative, 1.0 all of them
+        budget=json.loads(overrides.pop("budget", "4")),  # a fraction in (0, 1] or a count above 1
         pool_size=int(overrides.pop("pool_size", 2)),
         reweight_steps=2,
         reweight_warmup_steps=0,
