@@ -10,7 +10,6 @@ refresh in `refresh/` (its controller imports neither TRL nor transformers); TRL
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import textwrap
 from collections import defaultdict
