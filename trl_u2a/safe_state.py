@@ -110,11 +110,14 @@ def decode(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 def save_state(state: dict[str, Any], directory: str) -> None:
     """Write `state` to `directory/u2a_state.safetensors` and then `directory/u2a_state.json` (the JSON last: it
-    names the tensors, so a JSON file that exists has its tensor file complete)."""
+    names the tensors, so a JSON file that exists has its tensor file complete). Each file is written under a
+    temporary name and renamed, so a failed write (a full disk) never leaves a truncated file under either name."""
     from safetensors.torch import save_file
 
     tree, tensors = encode(state)
-    save_file(tensors, os.path.join(directory, STATE_TENSORS), metadata={"format": "trl-u2a", "version": "1"})
+    path = os.path.join(directory, STATE_TENSORS)
+    save_file(tensors, path + ".tmp", metadata={"format": "trl-u2a", "version": "1"})
+    os.replace(path + ".tmp", path)
     payload = json.dumps({"format_version": FORMAT_VERSION, "state": tree})
     path = os.path.join(directory, STATE_JSON)
     with open(path + ".tmp", "w") as f:

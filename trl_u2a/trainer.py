@@ -10,7 +10,6 @@ refresh in `refresh/` (its controller imports neither TRL nor transformers); TRL
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import textwrap
 from collections import defaultdict
@@ -54,6 +53,8 @@ logger = get_logger(__name__)
 
 # The completeness marker of the U2A state: written after its tensor file (`safe_state.STATE_TENSORS`)
 STATE_FILE = STATE_JSON
+# transformers writes it last in a checkpoint save: the mark of a complete checkpoint
+TRAINER_STATE = "trainer_state.json"
 
 
 @contextlib.contextmanager
@@ -177,6 +178,7 @@ class U2ATrainer(KTOTrainer):
             raise TypeError(f"args must be a U2AConfig, got {type(args).__name__}.")
         if train_dataset is None:
             raise ValueError("train_dataset is required: the negatives to unlearn.")
+        _apply_ddp_timeout(args)
         # Validate the data formats before any model is loaded: a typo in a column name should cost seconds
         with _dataset_bars(args.disable_tqdm):
             train_dataset = u2a_data.to_unpaired(train_dataset, "train_dataset", num_proc=args.dataset_num_proc)
@@ -452,7 +454,6 @@ class U2ATrainer(KTOTrainer):
         return kl_to_reference(logits, ref_logits, completion_mask)
 
     def _log_batch_metrics(self, mode, losses, logps, lengths, weights, is_negative, is_retain, retain_nll):
-        gather = self.accelerator.gather_for_metrics
         stats = torch.stack(
             [
                 (torch.where(is_negative, losses, 0.0)).sum(),
@@ -462,13 +463,19 @@ class U2ATrainer(KTOTrainer):
                 is_retain.sum().to(losses.dtype),
             ]
         ).detach()
-        loss_sum, logp_sum, num_negatives, nll_sum, num_retain = gather(stats[None]).sum(0).tolist()
-        if not (math.isfinite(loss_sum) and math.isfinite(logp_sum)):
+        # One row per rank, all of them: these are per-rank sums, not samples. `gather_for_metrics` cut the rows to
+        # the dataset's remainder at a dataloader's end (every step, when the budget fits one global batch), so a NaN
+        # on rank 1 went unseen by every rank, was backpropagated into every replica and saved in a checkpoint
+        per_rank = self.accelerator.gather(stats[None]).cpu()
+        loss_sum, logp_sum, num_negatives, nll_sum, num_retain = per_rank.sum(0).tolist()
+        # Decided on the gathered values, so every rank stops at this step with this message, before the backward
+        bad = [rank for rank, row in enumerate(per_rank) if not bool(torch.isfinite(row[:2]).all())]
+        if bad:
             raise FloatingPointError(
-                f"Non-finite unlearning loss at optimizer step {self.state.global_step + 1} ({mode}): "
-                f"loss sum {loss_sum}, "
-                f"log-prob sum {logp_sum}. The learning rate may be too high (gradient-ascent collapse); the last "
-                "checkpoint holds the last good weights and adapter."
+                f"Non-finite unlearning loss at optimizer step {self.state.global_step + 1} ({mode}) on rank "
+                f"{', '.join(map(str, bad))} of {len(per_rank)}: loss sum {loss_sum}, log-prob sum {logp_sum}. The "
+                "learning rate may be too high (gradient-ascent collapse), or a batch holds a corrupt row; every "
+                "rank stops here, and the last checkpoint holds the last good weights and adapter."
             )
         metrics = self._metrics[mode]
         if num_negatives > 0:
@@ -572,11 +579,32 @@ class U2ATrainer(KTOTrainer):
             self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         )
         state = self.u2a_state_dict()  # on every rank: it gathers the per-rank in-training scores
-        if self.args.should_save:
-            os.makedirs(output_dir, exist_ok=True)
-            # safetensors + JSON, not a pickle: loading them cannot run code (see `safe_state`)
-            save_state(state, output_dir)
-        super()._save_checkpoint(model, trial)
+        try:
+            if self.args.should_save:
+                os.makedirs(output_dir, exist_ok=True)
+                # A directory saved before (a resume from an earlier checkpoint) is incomplete until its files are
+                # rewritten: its old completeness mark goes first
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(output_dir, TRAINER_STATE))
+                # safetensors + JSON, not a pickle: loading them cannot run code (see `safe_state`)
+                save_state(state, output_dir)
+            super()._save_checkpoint(model, trial)
+        except Exception as error:
+            last = last_complete_checkpoint(self._get_output_dir(trial=trial))
+            raise RuntimeError(
+                f"Could not save checkpoint {output_dir} at optimizer step {self.state.global_step}: "
+                f"{type(error).__name__}: {error}. The last complete checkpoint, which "
+                f"resume_from_checkpoint=True picks up, is {last or 'none (nothing to resume from yet)'}; a checkpoint "
+                "without trainer_state.json is never loaded."
+            ) from error
+
+    def _save_rng_state(self, output_dir):
+        super()._save_rng_state(output_dir)
+        # The last per-rank file of a checkpoint (under FSDP/DeepSpeed the shards come before it). transformers lets
+        # the main process write `trainer_state.json`, the mark of a complete checkpoint, without waiting for the other
+        # ranks: one that froze or died here left a checkpoint marked complete but missing its files. A frozen rank
+        # makes this barrier fail after `ddp_timeout`, before the mark is written.
+        self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         # The U2A state first: a refused or unreadable one should stop the resume before any model file is read
@@ -593,6 +621,23 @@ class U2ATrainer(KTOTrainer):
             )
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         self.load_u2a_state_dict(state)
+
+
+def _apply_ddp_timeout(args: U2AConfig) -> None:
+    """Make `args.ddp_timeout` the timeout of every collective on the default process group, so that a rank that
+    freezes (a stuck device, a deadlocked data loader, SIGSTOP) makes the others fail after `ddp_timeout` seconds.
+
+    transformers passes `ddp_timeout` to `init_process_group` only on its GPU path: with `use_cpu` or
+    `ACCELERATE_USE_CPU` the gloo group kept torch's 30-minute default (a frozen rank held the others for more than
+    420 s with `ddp_timeout: 120`), and a process group created before the config (by the user or accelerate) keeps
+    whatever it was given. The training step, the refresh's all-reduces and gathers, and the checkpoint barriers all
+    run on this group.
+    """
+    _ = args.device  # sets up the process group, as `Trainer.__init__` would
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        _set_pg_timeout(args.ddp_timeout_delta)
 
 
 def _check_process_count(accelerator) -> None:
@@ -631,7 +676,7 @@ def checkpoint_problem(path: str) -> str | None:
     if not has_state and not os.path.isfile(os.path.join(path, LEGACY_STATE_FILE)):
         return f"it has no {STATE_FILE} and {STATE_TENSORS} (not written by U2ATrainer, or the save was interrupted)"
     try:
-        with open(os.path.join(path, "trainer_state.json")) as f:
+        with open(os.path.join(path, TRAINER_STATE)) as f:
             json.load(f)
     except (OSError, ValueError):
         return "its trainer_state.json is missing or truncated (the save was interrupted)"

@@ -2,15 +2,23 @@
 
 Usage: python u2a_run.py MODEL_DIR OUT_JSON PER_DEVICE_BATCH [key=value ...]  (launch with accelerate for 2 processes)
 
-`kill_at=step:N|refresh:N|save:N` sends SIGKILL to this process at that point (a real kill, for the resume tests):
-at the start of optimizer step N, inside refresh N after its scores are computed, or inside the save of checkpoint N
-after the U2A state and the model are written but before `trainer_state.json`.
+`kill_at=step:N|refresh:N|save:N|before_refresh:N` sends SIGKILL to this process at that point (a real kill, for the
+resume tests): at the start of optimizer step N, inside refresh N after its scores are computed, inside the save of
+checkpoint N after the U2A state and the model are written but before this rank's RNG state and `trainer_state.json`,
+or at the end of step N before the refresh due then starts (the other ranks then wait in that refresh's first
+collective).
+`signal=STOP` freezes the process there instead (a stuck device or data loader), and `fault_rank=R` limits the fault to
+rank R. `nan_at=N` gives rank `fault_rank` (default 1) a poisoned batch at optimizer step N (a NaN reference log-prob).
+
+Every rank writes `OUT_JSON.rank<i>.json` (its pid and the world size it sees) once its trainer is built, and
+`OUT_JSON.rank<i>.error.json` (the time and the error) when it fails.
 """
 
 import json
 import os
 import signal
 import sys
+import time
 
 import torch
 from accelerate import PartialState
@@ -26,8 +34,12 @@ def main():
     model_dir, out, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
     overrides = dict(kv.split("=", 1) for kv in sys.argv[4:])
     # 7 negatives: a number the world size 2 does not divide
-    train = Dataset.from_dict({"prompt": PROMPTS + PROMPTS[:1], "completion": REJECTED + CHOSEN[:1]})
-    alignment = Dataset.from_dict({"prompt": PROMPTS[:5], "chosen": CHOSEN[:5], "rejected": REJECTED[:5]})
+    negatives = int(overrides.pop("negatives", 7))
+    train = Dataset.from_dict(
+        {"prompt": (PROMPTS + PROMPTS[:1])[:negatives], "completion": (REJECTED + CHOSEN[:1])[:negatives]}
+    )
+    pairs = int(overrides.pop("pairs", 5))
+    alignment = Dataset.from_dict({"prompt": PROMPTS[:pairs], "chosen": CHOSEN[:pairs], "rejected": REJECTED[:pairs]})
     args = U2AConfig(
         output_dir=overrides.pop("output_dir", out + ".run"),
         use_cpu=True,
@@ -41,24 +53,38 @@ def main():
         max_length=64,
         seed=0,
         loss_type=overrides.pop("loss_type", "npo"),
-        budget=4,
-        pool_size=2,
+        budget=json.loads(overrides.pop("budget", "4")),  # a fraction in (0, 1] or a count above 1
+        pool_size=int(overrides.pop("pool_size", 2)),
         reweight_steps=2,
         reweight_warmup_steps=0,
         preconditioner=overrides.pop("preconditioner", "adam"),
         save_strategy=overrides.pop("save_strategy", "no"),
         save_steps=int(overrides.pop("save_steps", 500)),
+        ddp_timeout=int(overrides.pop("ddp_timeout", 1800)),
         disable_tqdm=True,
     )
     resume = overrides.pop("resume", None)
     resume = True if resume == "true" else resume
     kill_at = overrides.pop("kill_at", None)
+    nan_at = overrides.pop("nan_at", None)
+    sig = getattr(signal, "SIG" + overrides.pop("signal", "KILL"))
+    fault_rank = overrides.pop("fault_rank", None)
     assert not overrides, f"unknown overrides {overrides}"
     trainer = U2ATrainer(model=model_dir, args=args, train_dataset=train, alignment_dataset=alignment)
-    if kill_at:
-        install_kill(trainer, *kill_at.split(":"))
-    trainer.train(resume_from_checkpoint=resume)
     state = PartialState()
+    with open(f"{out}.rank{state.process_index}.json", "w") as f:
+        json.dump({"pid": os.getpid(), "num_processes": state.num_processes, "backend": state.backend}, f)
+    faulty = fault_rank is None or int(fault_rank) == state.process_index
+    if kill_at and faulty:
+        install_kill(trainer, *kill_at.split(":"), sig=sig, note=f"{out}.fault")
+    if nan_at and state.process_index == int(fault_rank or 1):
+        install_nan(trainer, int(nan_at))
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except BaseException as error:
+        with open(f"{out}.rank{state.process_index}.error.json", "w") as f:
+            json.dump({"time": time.time(), "error": f"{type(error).__name__}: {error}"}, f)
+        raise
     if state.is_main_process:
         params = {n: p.detach().flatten().tolist() for n, p in trainer.model.named_parameters() if p.requires_grad}
         result = {
@@ -75,11 +101,14 @@ def main():
     torch.distributed.barrier() if torch.distributed.is_initialized() else None
 
 
-def install_kill(trainer, where: str, n: str) -> None:
+def install_kill(trainer, where: str, n: str, sig=signal.SIGKILL, note: str | None = None) -> None:
     n = int(n)
 
     def die():
-        os.kill(os.getpid(), signal.SIGKILL)
+        if note:  # when the fault struck, for the test to time the other ranks' exit
+            with open(note, "w") as f:
+                f.write(str(time.time()))
+        os.kill(os.getpid(), sig)
 
     if where == "step":
         from transformers import TrainerCallback
@@ -105,13 +134,35 @@ def install_kill(trainer, where: str, n: str) -> None:
         original = trainer._save_rng_state
 
         def save_rng_state(output_dir):
-            original(output_dir)
             if trainer.state.global_step == n:
                 die()
+            original(output_dir)
 
         trainer._save_rng_state = save_rng_state
+    elif where == "before_refresh":
+        from transformers import TrainerCallback
+
+        class Freeze(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == n:
+                    die()
+
+        # Ahead of the refresh callback, so that the other ranks are inside the refresh when this one stops
+        trainer.callback_handler.callbacks.insert(0, Freeze())
     else:
         raise ValueError(f"kill_at={where}:{n}")
+
+
+def install_nan(trainer, step: int) -> None:
+    """This rank's batch of optimizer step `step` gets a NaN reference log-prob (NPO), as a corrupt row would."""
+    original = trainer.training_step
+
+    def training_step(model, inputs, *args, **kwargs):
+        if trainer.state.global_step + 1 == step:
+            inputs = {**inputs, "ref_logps": torch.full_like(inputs["ref_logps"], float("nan"))}
+        return original(model, inputs, *args, **kwargs)
+
+    trainer.training_step = training_step
 
 
 if __name__ == "__main__":

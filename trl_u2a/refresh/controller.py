@@ -81,12 +81,6 @@ class RefreshController:
         args = host.args
         self.host = host
         self.pairs = pairs
-        world = host.sharding.world
-        if len(pairs) < world:
-            raise ValueError(
-                f"alignment_dataset has {len(pairs)} pairs but the run has {world} processes; every process needs "
-                "at least one pair."
-            )
         if args.pa_samples is not None and args.pa_samples > len(pairs):
             raise ValueError(
                 f"pa_samples={args.pa_samples} is larger than the {len(pairs)} pairs of alignment_dataset; use "
