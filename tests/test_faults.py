@@ -25,7 +25,7 @@ from datasets import Dataset
 from safetensors.torch import load_file
 
 from trl_u2a import U2ATrainer
-from trl_u2a.trainer import checkpoint_problem, last_complete_checkpoint
+from trl_u2a.safe_state import checkpoint_problem, last_complete_checkpoint
 
 HERE = Path(__file__).parent
 SCRIPT = HERE / "scripts" / "u2a_run.py"

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from transformers import TrainerCallback
 
 from trl_u2a import U2ATrainer
-from trl_u2a.trainer import last_complete_checkpoint
+from trl_u2a.safe_state import last_complete_checkpoint
 
 HERE = os.path.dirname(__file__)
 

@@ -319,7 +319,7 @@ def test_a_launch_that_accelerate_runs_alone_is_refused(monkeypatch, caplog):
 
     from accelerate import PartialState
 
-    from trl_u2a.trainer import _check_process_count
+    from trl_u2a.distributed import check_process_count as _check_process_count
 
     PartialState()  # accelerate's logger needs its state, as in a trainer
     alone = types.SimpleNamespace(

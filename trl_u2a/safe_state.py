@@ -33,6 +33,8 @@ import torch
 STATE_JSON = "u2a_state.json"
 STATE_TENSORS = "u2a_state.safetensors"
 LEGACY_STATE_FILE = "u2a_state.pt"
+# The file transformers writes last in a checkpoint: present and readable, the checkpoint is complete
+TRAINER_STATE = "trainer_state.json"
 FORMAT_VERSION = 1
 
 _TAGS = ("__tensor__", "__tuple__", "__items__")
@@ -180,3 +182,39 @@ def load_legacy_state(path: str) -> dict[str, Any]:
     if not isinstance(state, dict) or "weights" not in state:
         raise ValueError(f"{path} does not hold a U2A state (a dict with 'weights'); got {type(state).__name__}.")
     return state
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why `path` is not a complete U2A checkpoint, or None. `trainer_state.json` is the last file a checkpoint
+    save writes, and the U2A state is written before it, so a readable one marks a checkpoint whose files are all
+    there."""
+    import json
+
+    if not os.path.isdir(path):
+        return "it is not a directory"
+    has_state = os.path.isfile(os.path.join(path, STATE_JSON)) and os.path.isfile(os.path.join(path, STATE_TENSORS))
+    if not has_state and not os.path.isfile(os.path.join(path, LEGACY_STATE_FILE)):
+        return f"it has no {STATE_JSON} and {STATE_TENSORS} (not written by U2ATrainer, or the save was interrupted)"
+    try:
+        with open(os.path.join(path, TRAINER_STATE)) as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return "its trainer_state.json is missing or truncated (the save was interrupted)"
+    return None
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The highest-step `checkpoint-N` directory of `output_dir` that is complete (see `checkpoint_problem`)."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        prefix, _, number = name.partition("-")
+        if prefix == PREFIX_CHECKPOINT_DIR and number.isdigit():
+            steps.append((int(number), os.path.join(output_dir, name)))
+    for _, path in sorted(steps, reverse=True):
+        if checkpoint_problem(path) is None:
+            return path
+    return None

@@ -41,20 +41,25 @@ from .core.modeling import _is_bnb_4bit as is_bnb_4bit
 from .core.objectives import AlignmentObjective
 from .core.sampler import WeightedNegativeSampler
 from .core.weighting import WeightState, weight_entropy
+from .distributed import apply_ddp_timeout, check_process_count
 from .model_card import u2a_card_section, write_model_card
 from .refresh.sharding import Sharding
-from .safe_state import LEGACY_STATE_FILE, STATE_JSON, STATE_TENSORS, load_legacy_state, load_state, save_state
+from .safe_state import (
+    LEGACY_STATE_FILE,
+    STATE_JSON,
+    TRAINER_STATE,
+    checkpoint_problem,
+    last_complete_checkpoint,
+    load_legacy_state,
+    load_state,
+    save_state,
+)
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
     from transformers import BitsAndBytesConfig
 
 logger = get_logger(__name__)
-
-# The completeness marker of the U2A state: written after its tensor file (`safe_state.STATE_TENSORS`)
-STATE_FILE = STATE_JSON
-# transformers writes it last in a checkpoint save: the mark of a complete checkpoint
-TRAINER_STATE = "trainer_state.json"
 
 
 @contextlib.contextmanager
@@ -178,7 +183,7 @@ class U2ATrainer(KTOTrainer):
             raise TypeError(f"args must be a U2AConfig, got {type(args).__name__}.")
         if train_dataset is None:
             raise ValueError("train_dataset is required: the negatives to unlearn.")
-        _apply_ddp_timeout(args)
+        apply_ddp_timeout(args)
         # Validate the data formats before any model is loaded: a typo in a column name should cost seconds
         with _dataset_bars(args.disable_tqdm):
             train_dataset = u2a_data.to_unpaired(train_dataset, "train_dataset", num_proc=args.dataset_num_proc)
@@ -202,7 +207,7 @@ class U2ATrainer(KTOTrainer):
                 quantization_config=quantization_config,
                 peft_config=peft_config,
             )
-        _check_process_count(self.accelerator)
+        check_process_count(self.accelerator)
         self.loss_type = args.loss_type
         self.beta = args.beta
         if args.loss_type == "npo":
@@ -531,7 +536,7 @@ class U2ATrainer(KTOTrainer):
             if resume_from_checkpoint is None:
                 raise ValueError(
                     f"resume_from_checkpoint=True but {self.args.output_dir} holds no complete checkpoint "
-                    f"(a checkpoint-N directory with {STATE_FILE} and a readable trainer_state.json). Drop "
+                    f"(a checkpoint-N directory with {STATE_JSON} and a readable trainer_state.json). Drop "
                     "resume_from_checkpoint to start from scratch, or pass the output_dir of the run to resume."
                 )
         elif isinstance(resume_from_checkpoint, str):
@@ -608,7 +613,7 @@ class U2ATrainer(KTOTrainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         # The U2A state first: a refused or unreadable one should stop the resume before any model file is read
-        if os.path.isfile(os.path.join(resume_from_checkpoint, STATE_FILE)):
+        if os.path.isfile(os.path.join(resume_from_checkpoint, STATE_JSON)):
             state = load_state(resume_from_checkpoint)
         elif os.path.isfile(os.path.join(resume_from_checkpoint, LEGACY_STATE_FILE)):
             # An earlier trl-u2a's pickle: read with weights_only=True, which refuses anything but tensors and plain
@@ -616,85 +621,8 @@ class U2ATrainer(KTOTrainer):
             state = load_legacy_state(os.path.join(resume_from_checkpoint, LEGACY_STATE_FILE))
         else:
             raise FileNotFoundError(
-                f"{resume_from_checkpoint} has no {STATE_FILE}: it was not written by U2ATrainer, so the weights of "
+                f"{resume_from_checkpoint} has no {STATE_JSON}: it was not written by U2ATrainer, so the weights of "
                 "the negatives cannot be restored."
             )
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         self.load_u2a_state_dict(state)
-
-
-def _apply_ddp_timeout(args: U2AConfig) -> None:
-    """Make `args.ddp_timeout` the timeout of every collective on the default process group, so that a rank that
-    freezes (a stuck device, a deadlocked data loader, SIGSTOP) makes the others fail after `ddp_timeout` seconds.
-
-    transformers passes `ddp_timeout` to `init_process_group` only on its GPU path: with `use_cpu` or
-    `ACCELERATE_USE_CPU` the gloo group kept torch's 30-minute default (a frozen rank held the others for more than
-    420 s with `ddp_timeout: 120`), and a process group created before the config (by the user or accelerate) keeps
-    whatever it was given. The training step, the refresh's all-reduces and gathers, and the checkpoint barriers all
-    run on this group.
-    """
-    _ = args.device  # sets up the process group, as `Trainer.__init__` would
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        from torch.distributed.distributed_c10d import _set_pg_timeout
-
-        _set_pg_timeout(args.ddp_timeout_delta)
-
-
-def _check_process_count(accelerator) -> None:
-    """Log the world size, distributed type and precision; refuse a launch whose processes accelerate runs alone.
-
-    `accelerate launch` and `torchrun` set `WORLD_SIZE`. On a machine without a GPU, accelerate without `use_cpu`
-    falls back to one independent process per rank (`DistributedType.NO`): every rank would train alone, exit 0, and
-    write every file twice.
-    """
-    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    state = accelerator.state
-    if launched > accelerator.num_processes:
-        raise RuntimeError(
-            f"This process is one of {launched} launched (WORLD_SIZE={launched}), but accelerate runs it alone "
-            f"({state.distributed_type}, {accelerator.num_processes} process): the ranks would train independently "
-            "and write every file twice. On a machine without a GPU, set ACCELERATE_USE_CPU=true (or use_cpu: true) "
-            "and launch with --multi_gpu --num_processes N; with GPUs, check that CUDA is visible to every rank "
-            "(docs/troubleshooting.md, 'A multi-process run is really independent processes')."
-        )
-    logger.info(
-        f"U2A: {accelerator.num_processes} process(es), distributed type {state.distributed_type}, mixed precision "
-        f"{state.mixed_precision}, device {accelerator.device}.",
-        main_process_only=True,
-    )
-
-
-def checkpoint_problem(path: str) -> str | None:
-    """Why `path` is not a complete U2A checkpoint, or None. `trainer_state.json` is the last file a checkpoint
-    save writes, and the U2A state is written before it, so a readable one marks a checkpoint whose files are all
-    there."""
-    import json
-
-    if not os.path.isdir(path):
-        return "it is not a directory"
-    has_state = os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isfile(os.path.join(path, STATE_TENSORS))
-    if not has_state and not os.path.isfile(os.path.join(path, LEGACY_STATE_FILE)):
-        return f"it has no {STATE_FILE} and {STATE_TENSORS} (not written by U2ATrainer, or the save was interrupted)"
-    try:
-        with open(os.path.join(path, TRAINER_STATE)) as f:
-            json.load(f)
-    except (OSError, ValueError):
-        return "its trainer_state.json is missing or truncated (the save was interrupted)"
-    return None
-
-
-def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The highest-step `checkpoint-N` directory of `output_dir` that is complete (see `checkpoint_problem`)."""
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-    if not os.path.isdir(output_dir):
-        return None
-    steps = []
-    for name in os.listdir(output_dir):
-        prefix, _, number = name.partition("-")
-        if prefix == PREFIX_CHECKPOINT_DIR and number.isdigit():
-            steps.append((int(number), os.path.join(output_dir, name)))
-    for _, path in sorted(steps, reverse=True):
-        if checkpoint_problem(path) is None:
-            return path
-    return None

@@ -286,7 +286,7 @@ def _arrange_help(parser: argparse.ArgumentParser, config_class) -> None:
 
 def interrupt_message(output_dir: str, argv: list[str], world_size: int = 1) -> str:
     """What to tell a user who pressed Ctrl-C: the last complete checkpoint and the command that resumes from it."""
-    from trl_u2a.trainer import last_complete_checkpoint
+    from trl_u2a.safe_state import last_complete_checkpoint
 
     checkpoint = last_complete_checkpoint(output_dir)
     if checkpoint is None:
