@@ -319,7 +319,7 @@ def test_a_launch_that_accelerate_runs_alone_is_refused(monkeypatch, caplog):
 
     from accelerate import PartialState
 
-    from trl_u2a.distributed import check_process_count as _check_process_count
+    from trl_u2a.distributed import check_process_count
 
     PartialState()  # accelerate's logger needs its state, as in a trainer
     alone = types.SimpleNamespace(
@@ -327,10 +327,10 @@ def test_a_launch_that_accelerate_runs_alone_is_refused(monkeypatch, caplog):
     )
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match=r"one of 2 launched .* ACCELERATE_USE_CPU=true"):
-        _check_process_count(alone)
+        check_process_count(alone)
     monkeypatch.delenv("WORLD_SIZE")
     with caplog.at_level("INFO"):
-        _check_process_count(alone)
+        check_process_count(alone)
     assert any("1 process(es), distributed type NO, mixed precision no" in m for m in caplog.messages)
 
 
@@ -370,6 +370,8 @@ def test_disable_tqdm_silences_every_progress_bar(tiny_model_path, tmp_path, pre
     monkeypatch.delenv("TQDM_DISABLE", raising=False)  # conftest's global switch would hide the bars either way
     alignment = Dataset.from_dict({"prompt": PROMPTS, "chosen": CHOSEN, "rejected": REJECTED})
     disable_caching()  # a cached map shows no bar either way
+    bars_were_enabled = datasets_logging.is_progress_bar_enabled()  # another test's CLI may have switched them off
+    datasets_logging.enable_progress_bar()
     try:
         for disable in (False, True):
             capfd.readouterr()
@@ -389,3 +391,5 @@ def test_disable_tqdm_silences_every_progress_bar(tiny_model_path, tmp_path, pre
             assert datasets_logging.is_progress_bar_enabled()  # switched off for the trainer only, then restored
     finally:
         enable_caching()
+        if not bars_were_enabled:
+            datasets_logging.disable_progress_bar()

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.modeling import PADDING, move_batch, sequence_logps
+from ..core.modeling import PADDING, model_device, move_batch, sequence_logps
 from ..core.objectives import AlignmentObjective, reference_logps
 from ..core.sampler import mix_seed
 from ..core.schedule import fixed_steps, refresh_rows, refresh_steps
@@ -375,7 +375,7 @@ class RefreshController:
             if self.ref_pair_logps is not None:
                 batch["ref_chosen_logps"] = self.ref_pair_logps[rows, 0]
                 batch["ref_rejected_logps"] = self.ref_pair_logps[rows, 1]
-            batches.append(move_batch(batch, _device(model)))
+            batches.append(move_batch(batch, model_device(model)))
         return batches
 
     def _reference_pair_logps(self, model: nn.Module) -> torch.Tensor:
@@ -389,7 +389,7 @@ class RefreshController:
         rows, _ = self.host.sharding.chunk(list(range(num_pairs)))
         batches = [
             move_batch(
-                self.pair_collator([self.pairs[i] for i in rows[start : start + self.batch_size]]), _device(model)
+                self.pair_collator([self.pairs[i] for i in rows[start : start + self.batch_size]]), model_device(model)
             )
             for start in range(0, len(rows), self.batch_size)
         ]
@@ -407,7 +407,7 @@ class RefreshController:
         order = torch.cat(
             [eligible[torch.randperm(len(eligible), generator=generator)] for _ in range(-(-draws // len(eligible)))]
         )[:draws]
-        device = _device(host.policy())
+        device = model_device(host.policy())
         batches = []
         for start in range(0, draws, size):
             local, padding = host.sharding.chunk(order[start : start + size].tolist())
@@ -475,7 +475,7 @@ class RefreshController:
         local, padding = host.sharding.chunk(list(range(min(RETAIN_SAMPLE, host.num_retain))))
         total = torch.zeros(2, dtype=torch.float64)
         with torch.no_grad():
-            batches = host.retain_batches(local, self.batch_size, _device(model))
+            batches = host.retain_batches(local, self.batch_size, model_device(model))
             for start, batch in zip(range(0, len(local), self.batch_size), batches):
                 logps, lengths = sequence_logps(
                     model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
@@ -588,9 +588,3 @@ class RefreshController:
             for k, v in state["query_attrs"].items():
                 setattr(query, k, v)
             self.query = query
-
-
-def _device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
