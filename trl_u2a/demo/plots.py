@@ -218,7 +218,8 @@ def plot_refreshes_by_kind(run: dict[str, Any], trace: list[dict[str, Any]], kin
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.suptitle(f"U2A refreshes: {run['name']}")
+    setting = "LoRA" if run.get("setting") == "lora" else "full fine-tuning"
+    fig.suptitle(f"U2A refreshes: {run['loss']} loss, {setting}, learning rate {run['lr']:g}, seed {run['seed']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
