@@ -33,3 +33,13 @@ def install() -> None:
     # transformers 5.2x renames `gradient_checkpointing` and warns on every TrainingArguments and model, whether or not
     # the user set it; TRL's configs still use the old name, so the user cannot act on it
     warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+def progress_bars_off() -> None:
+    """No datasets map bars and no transformers loading/saving bars, for the rest of the process: for a command that
+    owns its process and shows its own output."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()

@@ -12,13 +12,12 @@ import warnings
 from collections.abc import Iterable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..core.losses import DEFAULT_BETA, LOSS_TYPES, unlearning_loss
 from ..core.modeling import batch_size_of, model_device, move_batch, sequence_logps, slice_batch
 from .ghost import GhostDotProduct
-from .sharded import ForwardParameters
+from .sharded import ForwardParameters, on_other_rank
 from .tracking import LossFn, ParamVector, resolve_tracking, scoring_mode, unwrap_model
 
 
@@ -127,7 +126,7 @@ def brute_force_scores(model: nn.Module, batch: dict, loss_fn: LossFn, v: ParamV
 def _progress_disabled() -> bool:
     if os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no"):
         return True
-    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+    return on_other_rank()
 
 
 def score_dataset(

@@ -13,6 +13,12 @@ import torch.distributed as dist
 from torch import nn
 
 
+def on_other_rank() -> bool:
+    """Whether this process is a rank other than 0 of a `torch.distributed` run: every rank computes the same thing,
+    and rank 0 alone says so (warnings, progress bars)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+
+
 def reshard_fsdp2(model: nn.Module) -> None:
     """Put every FSDP2 module of `model` back on its sharded DTensor parameters.
 

@@ -13,11 +13,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..core.modeling import eval_mode
-from .sharded import reshard_fsdp2
+from .sharded import on_other_rank, reshard_fsdp2
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +165,7 @@ def tracked_parameters(model: nn.Module, warn: bool = True) -> list[nn.Parameter
     """
     tracking = resolve_tracking(model)
     # Every rank holds the same parameters: one rank says it
-    warn = warn and not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+    warn = warn and not on_other_rank()
     if not tracking.params:
         trainable = unique_params([p for p in unwrap_model(model).parameters() if p.requires_grad])
         if not trainable:

@@ -329,14 +329,14 @@ class RefreshController:
         cost = reweighting_cost(self.history, self.rows_per_step)
         if cost:
             initial = self.history[0]
+            later = sum(r.get("refresh") is not None for r in self.history) - 1
             self._say(
                 logging.INFO,
                 f"U2A reweighting cost: the initial pass {cost['initial_pass_seconds']:.1f} s "
                 f"({cost['initial_pass_multiple']:.2f}x one training pass over its {initial['num_scored']} "
-                f"candidates); the {cost['later_refreshes']} later refreshes {cost['reweight_share']:.1%} of the "
+                f"candidates); the {later} later refreshes {cost['reweight_share']:.1%} of the "
                 "training time.",
             )
-            del cost["later_refreshes"]
         return cost
 
     def _final_objective(self, step: int, extra: dict[str, Any]) -> float:
@@ -359,9 +359,9 @@ class RefreshController:
         return value
 
     # ---------------------------------------------------------------- batches
-    def _pair_batches(self, model: nn.Module, generator: torch.Generator, sample: int) -> list[dict]:
-        """This rank's share of `sample` alignment pairs drawn with `generator` (all of them when `sample` is the
-        number of pairs), collated, with their reference log-probs."""
+    def _pair_batches(self, model: nn.Module, generator: torch.Generator | None, sample: int) -> list[dict]:
+        """This rank's share of `sample` alignment pairs drawn with `generator` (all of them, in order and without
+        drawing, when `sample` is the number of pairs), collated, with their reference log-probs once known."""
         num_pairs = len(self.pairs)
         order = torch.arange(num_pairs)
         if sample < num_pairs:
@@ -386,13 +386,7 @@ class RefreshController:
         if reference is not None:
             model = reference
         num_pairs = len(self.pairs)
-        rows, _ = self.host.sharding.chunk(list(range(num_pairs)))
-        batches = [
-            move_batch(
-                self.pair_collator([self.pairs[i] for i in rows[start : start + self.batch_size]]), model_device(model)
-            )
-            for start in range(0, len(rows), self.batch_size)
-        ]
+        batches = self._pair_batches(model, None, num_pairs)  # every pair, in order: this rank's padded chunk
         filled = reference_logps(model, batches, reference_context=context)
         local = torch.cat([torch.stack([b["ref_chosen_logps"], b["ref_rejected_logps"]], dim=1) for b in filled])
         return self.host.sharding.gather_chunks(local.float(), num_pairs)

@@ -99,8 +99,8 @@ def refresh_metrics(record: RefreshRecord, previous: RefreshRecord | None) -> di
 
 def reweighting_cost(history: list[RefreshRecord], rows_per_step: int) -> dict[str, float]:
     """What reweighting cost, from the refreshes' wall times: the initial pass in seconds and as a multiple of one
-    training pass over its candidates, and the later refreshes as a share of the training time (`later_refreshes`
-    of them). Empty before any training window."""
+    training pass over its candidates, and the later refreshes as a share of the training time. Empty before any
+    training window."""
     records = [r for r in history if r.get("refresh") is not None]
     if not records:
         return {}
@@ -114,7 +114,6 @@ def reweighting_cost(history: list[RefreshRecord], rows_per_step: int) -> dict[s
         "initial_pass_seconds": initial["refresh_seconds"],
         "initial_pass_multiple": initial["refresh_seconds"] / (seconds_per_row * max(1, initial["num_scored"])),
         "reweight_share": sum(r["refresh_seconds"] for r in records[1:]) / windows,
-        "later_refreshes": len(records) - 1,
     }
 
 

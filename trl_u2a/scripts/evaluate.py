@@ -19,6 +19,8 @@ import os
 import sys
 from typing import Any
 
+from trl_u2a._quiet import progress_bars_off
+
 # Where each part's rows are in a multi-split source (the names `trl-u2a prepare-data` writes)
 DEFAULT_SPLITS = {"prompts": "test_prompts", "pairs": "test_pairs", "retain": "retain"}
 DTYPES = ("float32", "bfloat16", "float16")
@@ -215,12 +217,7 @@ def format_results(results: dict[str, Any]) -> str:
 
 def cli(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    import datasets
-    import transformers
-
-    # One table is the output: no per-file progress bars while loading data and weights
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
+    progress_bars_off()  # one table is the output: no per-file progress bars while loading data and weights
     try:
         results = evaluate(args)
     except (ValueError, FileNotFoundError, ImportError) as error:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from trl import ScriptArguments, TrlParser
 
+from trl_u2a._quiet import progress_bars_off
 from trl_u2a.config import INERT_KTO_FIELDS
 
 TINY_MODEL = "trl-u2a/tiny"
@@ -133,12 +134,7 @@ def main(script_args, training_args, model_args):
 
     _show_u2a_logs(training_args)
     if training_args.disable_tqdm:
-        # The whole process is this run: loading and saving bars (transformers) and map bars (datasets) go too
-        import datasets
-        import transformers
-
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
+        progress_bars_off()  # the whole process is this run: loading, saving and map bars go too
 
     model_init_kwargs = dict(
         revision=model_args.model_revision,
