@@ -225,32 +225,39 @@ def test_nan_loss_stops_with_where_and_when_and_keeps_the_last_good_checkpoint(
 
 
 def test_non_finite_scores_skip_the_refresh_and_keep_the_weights(tiny_model_path, tmp_path, preference_dataset):
-    from trl_u2a.core.objectives import DPOObjective
+    from trl_u2a.core.objectives import CallableObjective, DPOObjective
 
-    calls = {"n": 0}
     dpo = DPOObjective(0.1)
+    trainer = None
 
     def objective(model, batch):
-        calls["n"] += 1
         losses = dpo(model, batch)
-        return losses * float("nan") if calls["n"] > 1 else losses  # the second refresh sees NaN
+        # Refresh 1 (of 0, 1, 2) sees NaN
+        return losses * float("nan") if trainer.refresh_callback.controller.refresh_index == 1 else losses
 
-    objective_wrapped = __import__("trl_u2a.core.objectives", fromlist=["CallableObjective"]).CallableObjective(
-        objective, needs_reference=True
-    )
     alignment = Dataset.from_dict({"prompt": PROMPTS, "chosen": CHOSEN, "rejected": REJECTED})
     trainer = U2ATrainer(
         model=tiny_model_path,
-        args=cpu_args(tmp_path, loss_type="ga", budget=3, reweight_steps=2, max_steps=3, per_device_train_batch_size=8),
+        args=cpu_args(tmp_path, loss_type="ga", budget=3, reweight_steps=2, max_steps=5, per_device_train_batch_size=8),
         train_dataset=preference_dataset,
         alignment_dataset=alignment,
-        alignment_objective=objective_wrapped,
+        alignment_objective=CallableObjective(objective, needs_reference=True),
     )
     trainer.train()
-    first, second = trainer.refresh_callback.history[:2]
-    assert "skipped" not in first and "non-finite" in second["skipped"]
-    assert second["refresh"] == 1
+    first, second, third = trainer.refresh_callback.history[:3]
+    assert "skipped" not in first and "non-finite" in second["skipped"] and "skipped" not in third
     assert first["weights"] == second["weights"]
+    # The refresh after a skip has an id of its own, in its record and in its trace rows
+    assert [r["refresh"] for r in (first, second, third)] == [0, 1, 2]
+    with open(os.path.join(tmp_path, "u2a_refreshes.jsonl")) as f:
+        written = [json.loads(line)["refresh"] for line in f]
+    assert written[:3] == [0, 1, 2]
+    with open(os.path.join(tmp_path, "u2a_trace.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert {row["refresh"] for row in rows} == {0, 1, 2}
+    for refresh in (0, 1, 2):  # one row per negative and refresh: the rows of refresh 2 did not join refresh 1's
+        ids = [row["example_id"] for row in rows if row["refresh"] == refresh]
+        assert len(ids) == len(set(ids))
 
 
 def test_collapse_guard_stops_and_restores_the_last_good_adapter(tiny_model_path, tmp_path, preference_dataset):

@@ -98,7 +98,7 @@ class WeightState:
     Attributes:
         weights: `(n,)` float64, `ω_i ≥ 0`; 0 means not selected (no training compute).
         scores: `(n,)` float64, the last influence score of each example; NaN means never scored.
-        refresh: number of refreshes done so far (the next refresh has this index).
+        refresh: number of weight updates applied so far (a skipped refresh applies none, so this is not a refresh id).
     """
 
     weights: torch.Tensor
@@ -293,9 +293,10 @@ def refresh_weights(
 
     Returns:
         `(new_state, info)`. `new_state.scores` holds the candidates' new scores and everyone else's last score;
-        `new_state.refresh` is one more. Selected examples that were not rescored are carried (kept, weight unchanged
+        `new_state.refresh` is one more (it counts the weight updates applied; a refresh that is skipped applies none,
+        so the refresh's id is its caller's counter, not this one). Selected examples that were not rescored are carried (kept, weight unchanged
         before the renormalisation, not ranked: their last score was taken with another query); if they were never
-        scored they are dropped. `info` (python floats/ints, for logging): `refresh`, `n_candidates`, `n_stale`
+        scored they are dropped. `info` (python floats/ints, for logging): `n_candidates`, `n_stale`
         (selected, not rescored), `n_carried` (of those, kept),
         `n_selected`, `n_new`, `n_dropped`, `n_positive`, `fraction_positive`, `score_min`, `score_q25`,
         `score_median`, `score_q75`, `score_max` (of the candidates), `score_scale` (mean `|s|` of the candidates:
@@ -388,7 +389,6 @@ def refresh_weights(
     predicted_gain = float((new_weights[scored] * scores[scored]).sum() / total) if total > 0 else 0.0
     entropy = weight_entropy(new_weights)
     info = {
-        "refresh": state.refresh,
         "n_candidates": int(ids.numel()),
         "n_stale": int(stale.sum()),
         "n_carried": int(carried.sum()),
