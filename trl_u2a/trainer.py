@@ -425,17 +425,45 @@ class U2ATrainer(KTOTrainer):
             loss = loss + self.args.retain_weight * retain_term.sum() / retain_count.clamp(min=1)
 
         if mode == "train":
-            # Each row's coefficient in the loss that `training_step` backpropagates, for in-training scores
-            scale = self.accelerator.scaler.get_scale() if self.accelerator.scaler is not None else 1.0
-            self._row_coefficients = (
-                weights.detach()
-                * scale
-                / (weight_total.clamp(min=1e-12) * getattr(self, "current_gradient_accumulation_steps", 1))
-            )
+            # Each row's coefficient in `loss`, for in-training scores (`training_step` adds the backward's factor)
+            self._row_coefficients = weights.detach() / weight_total.clamp(min=1e-12)
         self._log_batch_metrics(mode, losses, logps, lengths, weights, is_negative, is_retain, retain_nll)
         if return_outputs:
             return loss, {"logps": logps.detach()}
         return loss
+
+    def _backward_factor(self) -> float:
+        """The factor by which `Trainer.training_step` and `Accelerator.backward` multiply `compute_loss`'s loss
+        before the backward: `1 / gradient-accumulation steps` (transformers', then accelerate's), times the AMP
+        loss scale. In-training scores divide it out of the output gradients the ghost hooks see.
+
+        Raises:
+            RuntimeError: when transformers or accelerate no longer expose what this reads (a renamed attribute
+                would otherwise scale every in-training score silently).
+        """
+        from accelerate.utils import DistributedType
+
+        try:
+            steps = self.current_gradient_accumulation_steps  # set by the training loop before each step
+            scaled_for_ga = self.loss_is_scaled_for_ga  # KTOTrainer: False, so the loss is divided by `steps`
+            accelerate_steps = self.accelerator.gradient_accumulation_steps
+            scaler = self.accelerator.scaler
+        except AttributeError as error:
+            raise RuntimeError(
+                f"In-training scores cannot read the loss scaling of this transformers/accelerate version ({error}); "
+                "set in_training_scores=False, or use the versions trl-u2a's requirements name."
+            ) from None
+        if not isinstance(scaled_for_ga, bool):
+            raise RuntimeError(
+                f"In-training scores expect loss_is_scaled_for_ga to be a bool (KTOTrainer sets False); got "
+                f"{scaled_for_ga!r}: set in_training_scores=False, or use the versions trl-u2a's requirements name."
+            )
+        factor = 1.0 if scaled_for_ga else 1.0 / steps
+        if self.accelerator.distributed_type != DistributedType.DEEPSPEED:  # DeepSpeed scales in its own backward
+            factor /= accelerate_steps
+        if scaler is not None:
+            factor *= scaler.get_scale()
+        return factor
 
     def training_step(self, model, inputs, *args, **kwargs):
         controller = self.refresh_callback.controller if self.refresh_callback is not None else None
@@ -444,7 +472,7 @@ class U2ATrainer(KTOTrainer):
         # In-training scores: the training backward already holds each negative's output gradients
         return controller.record_training_scores(
             inputs[u2a_data.NEGATIVE_ID],
-            lambda: self._row_coefficients,
+            lambda: self._row_coefficients * self._backward_factor(),
             lambda: super(U2ATrainer, self).training_step(model, inputs, *args, **kwargs),
         )
 
