@@ -184,16 +184,41 @@ def load_legacy_state(path: str) -> dict[str, Any]:
     return state
 
 
+def state_format(path: str) -> str | None:
+    """The one rule for "this directory holds a U2A state": `"safetensors"` when it has this trl-u2a's two state
+    files, `"legacy"` when it has an earlier version's pickle, None otherwise."""
+    if os.path.isfile(os.path.join(path, STATE_JSON)) and os.path.isfile(os.path.join(path, STATE_TENSORS)):
+        return "safetensors"
+    if os.path.isfile(os.path.join(path, LEGACY_STATE_FILE)):
+        return "legacy"
+    return None
+
+
+def load_checkpoint_state(path: str) -> dict[str, Any]:
+    """The U2A state of checkpoint `path`, in whichever format `state_format` finds.
+
+    Raises:
+        FileNotFoundError: when `path` holds no U2A state.
+        ValueError: when the state files cannot be read (see `load_state`, `load_legacy_state`).
+    """
+    found = state_format(path)
+    if found == "safetensors":
+        return load_state(path)
+    if found == "legacy":
+        return load_legacy_state(os.path.join(path, LEGACY_STATE_FILE))
+    raise FileNotFoundError(
+        f"{path} has no {STATE_JSON} and {STATE_TENSORS}: it was not written by U2ATrainer (or the save was "
+        "interrupted), so the weights of the negatives cannot be restored."
+    )
+
+
 def checkpoint_problem(path: str) -> str | None:
     """Why `path` is not a complete U2A checkpoint, or None. `trainer_state.json` is the last file a checkpoint
-    save writes, and the U2A state is written before it, so a readable one marks a checkpoint whose files are all
+    save writes, after every rank's files and the U2A state, so a readable one marks a checkpoint whose files are all
     there."""
-    import json
-
     if not os.path.isdir(path):
         return "it is not a directory"
-    has_state = os.path.isfile(os.path.join(path, STATE_JSON)) and os.path.isfile(os.path.join(path, STATE_TENSORS))
-    if not has_state and not os.path.isfile(os.path.join(path, LEGACY_STATE_FILE)):
+    if state_format(path) is None:
         return f"it has no {STATE_JSON} and {STATE_TENSORS} (not written by U2ATrainer, or the save was interrupted)"
     try:
         with open(os.path.join(path, TRAINER_STATE)) as f:

@@ -45,13 +45,11 @@ from .distributed import apply_ddp_timeout, check_process_count
 from .model_card import u2a_card_section, write_model_card
 from .refresh.sharding import Sharding
 from .safe_state import (
-    LEGACY_STATE_FILE,
     STATE_JSON,
     TRAINER_STATE,
     checkpoint_problem,
     last_complete_checkpoint,
-    load_legacy_state,
-    load_state,
+    load_checkpoint_state,
     save_state,
 )
 
@@ -604,13 +602,12 @@ class U2ATrainer(KTOTrainer):
             self.refresh_callback.load_state_dict(state["refresh"])
 
     def _save_checkpoint(self, model, trial):
-        # Written before the parent's files: the parent writes `trainer_state.json` last, so a checkpoint that has it
-        # also has the U2A state
+        # The U2A state is written before the parent's files, and `trainer_state.json`, the mark of a complete
+        # checkpoint, after every rank has written all of its files (`_marked_complete_last`)
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-        output_dir = os.path.join(
-            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        )
+        run_dir = self._get_output_dir(trial=trial)
+        output_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         state = self.u2a_state_dict()  # on every rank: it gathers the per-rank in-training scores
         try:
             if self.args.should_save:
@@ -621,9 +618,10 @@ class U2ATrainer(KTOTrainer):
                     os.remove(os.path.join(output_dir, TRAINER_STATE))
                 # safetensors + JSON, not a pickle: loading them cannot run code (see `safe_state`)
                 save_state(state, output_dir)
-            super()._save_checkpoint(model, trial)
+            with self._marked_complete_last(output_dir, run_dir):
+                super()._save_checkpoint(model, trial)
         except Exception as error:
-            last = last_complete_checkpoint(self._get_output_dir(trial=trial))
+            last = last_complete_checkpoint(run_dir)
             raise RuntimeError(
                 f"Could not save checkpoint {output_dir} at optimizer step {self.state.global_step}: "
                 f"{type(error).__name__}: {error}. The last complete checkpoint, which "
@@ -631,26 +629,40 @@ class U2ATrainer(KTOTrainer):
                 "without trainer_state.json is never loaded."
             ) from error
 
-    def _save_rng_state(self, output_dir):
-        super()._save_rng_state(output_dir)
-        # The last per-rank file of a checkpoint (under FSDP/DeepSpeed the shards come before it). transformers lets
-        # the main process write `trainer_state.json`, the mark of a complete checkpoint, without waiting for the other
-        # ranks: one that froze or died here left a checkpoint marked complete but missing its files. A frozen rank
-        # makes this barrier fail after `ddp_timeout`, before the mark is written.
+    @contextlib.contextmanager
+    def _marked_complete_last(self, output_dir: str, run_dir: str):
+        """Inside, the parent's checkpoint save writes `trainer_state.json` under a temporary name and deletes no old
+        checkpoint; on exit every rank waits for the others (all their files, whatever `save_only_model` leaves out,
+        are written), then the main process renames it, and only then rotates the old checkpoints.
+
+        transformers lets the main process write the mark without waiting for the other ranks: one that froze or
+        died while saving left a checkpoint marked complete but missing its files. A frozen rank makes this barrier
+        fail after `ddp_timeout`, before the mark is written and before an older complete checkpoint is deleted.
+        """
+        from transformers.trainer_utils import rotate_checkpoints
+
+        mark = os.path.join(output_dir, TRAINER_STATE)
+        write_state = self.state.save_to_json
+        limit = self.args.save_total_limit
+        self.state.save_to_json = lambda path: write_state(path + ".tmp" if path == mark else path)
+        self.args.save_total_limit = None
+        try:
+            yield
+        finally:
+            del self.state.save_to_json  # the class's method again
+            self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            os.replace(mark + ".tmp", mark)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         # The U2A state first: a refused or unreadable one should stop the resume before any model file is read
-        if os.path.isfile(os.path.join(resume_from_checkpoint, STATE_JSON)):
-            state = load_state(resume_from_checkpoint)
-        elif os.path.isfile(os.path.join(resume_from_checkpoint, LEGACY_STATE_FILE)):
-            # An earlier trl-u2a's pickle: read with weights_only=True, which refuses anything but tensors and plain
-            # containers before it is built
-            state = load_legacy_state(os.path.join(resume_from_checkpoint, LEGACY_STATE_FILE))
-        else:
-            raise FileNotFoundError(
-                f"{resume_from_checkpoint} has no {STATE_JSON}: it was not written by U2ATrainer, so the weights of "
-                "the negatives cannot be restored."
-            )
+        state = load_checkpoint_state(resume_from_checkpoint)
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         self.load_u2a_state_dict(state)

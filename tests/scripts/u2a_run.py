@@ -4,7 +4,8 @@ Usage: python u2a_run.py MODEL_DIR OUT_JSON PER_DEVICE_BATCH [key=value ...]  (l
 
 `kill_at=step:N|refresh:N|save:N|before_refresh:N` sends SIGKILL to this process at that point (a real kill, for the
 resume tests): at the start of optimizer step N, inside refresh N after its scores are computed, inside the save of
-checkpoint N after the U2A state and the model are written but before this rank's RNG state and `trainer_state.json`,
+checkpoint N after the U2A state and the model are written but before this rank's RNG state (and before the barrier
+after which the main process marks the checkpoint complete),
 or at the end of step N before the refresh due then starts (the other ranks then wait in that refresh's first
 collective).
 `signal=STOP` freezes the process there instead (a stuck device or data loader), and `fault_rank=R` limits the fault to
