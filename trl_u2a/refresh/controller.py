@@ -43,6 +43,7 @@ from ..influence import (
     score_dataset,
     scoring_mode,
     tracked_parameters,
+    unwrap_model,
 )
 from .guards import CollapseGuard, StopRule
 from .host import RefreshHost
@@ -553,10 +554,9 @@ class RefreshController:
             **self.stop_rule.state_dict(),
         }
         if self.query is not None and self.in_training:
-            state["query"] = [
-                self.query[p].cpu() if p in self.query else None
-                for p in tracked_parameters(self.host.policy(), warn=False)
-            ]
+            # By parameter name: a resume checks each tensor against the parameter of that name
+            names = _parameter_names(self.host.policy())
+            state["query"] = {names[p]: v.cpu() for p, v in self.query.items()}
             state["query_attrs"] = {
                 k: getattr(self.query, k) for k in ("objective_value", "num_pairs", "preconditioner", "refresh")
             }
@@ -575,10 +575,50 @@ class RefreshController:
         parts = state["fresh_scores"]
         self.fresh_scores = dict(parts[rank]) if rank < len(parts) else {}
         if "query" in state:
-            query = QueryVector()
-            for p, v in zip(tracked_parameters(self.host.policy(), warn=False), state["query"]):
-                if v is not None:
-                    query[p] = v.to(p.device)
+            self.query = self._restored_query(state["query"])
             for k, v in state["query_attrs"].items():
-                setattr(query, k, v)
-            self.query = query
+                setattr(self.query, k, v)
+
+    def _restored_query(self, saved: dict[str, torch.Tensor] | list[torch.Tensor | None]) -> QueryVector:
+        """The checkpoint's query `{parameter name: tensor}` on this model's parameters (an earlier trl-u2a saved a
+        list in `tracked_parameters` order), refused when a name is missing or a shape differs.
+
+        Raises:
+            ValueError: naming the parameters and shapes that disagree.
+        """
+        model = self.host.policy()
+        by_name = {name: p for p, name in _parameter_names(model).items()}
+        if isinstance(saved, list):
+            tracked = tracked_parameters(model, warn=False)
+            if len(saved) != len(tracked):
+                raise ValueError(
+                    f"The checkpoint's in-training query has {len(saved)} parameter tensors but this model tracks "
+                    f"{len(tracked)}: it was saved with another adapter or set of target modules. Resume with the "
+                    "peft_config of the run that wrote it, or start from scratch."
+                )
+            names = _parameter_names(model)
+            saved = {names[p]: v for p, v in zip(tracked, saved) if v is not None}
+        missing = sorted(set(saved) - set(by_name))
+        reshaped = [
+            f"{name} {tuple(v.shape)} (this model: {tuple(by_name[name].shape)})"
+            for name, v in saved.items()
+            if name in by_name and v.shape != by_name[name].shape
+        ]
+        if missing or reshaped:
+            problems = ([f"parameters this model lacks: {', '.join(missing[:5])}"] if missing else []) + (
+                [f"other shapes: {', '.join(reshaped[:5])}"] if reshaped else []
+            )
+            raise ValueError(
+                f"The checkpoint's in-training query does not fit this model ({'; '.join(problems)}): it was saved "
+                "with another adapter or set of target modules. Resume with the peft_config of the run that wrote "
+                "it, or start from scratch."
+            )
+        query = QueryVector()
+        for name, v in saved.items():
+            query[by_name[name]] = v.to(by_name[name].device)
+        return query
+
+
+def _parameter_names(model: nn.Module) -> dict[nn.Parameter, str]:
+    """`{parameter: name}` of the unwrapped `model` (the names a checkpoint's query is saved under)."""
+    return {p: name for name, p in unwrap_model(model).named_parameters()}
