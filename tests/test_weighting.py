@@ -44,6 +44,7 @@ def test_budget_size_counts_and_fractions():
         (-0.5, "selects nothing"),
         (float("nan"), "selects nothing"),
         (1.5, "not a whole count"),
+        (float("inf"), "not a whole count"),
         (500, "budget=500 is larger than the 300 negatives"),
     ],
 )
@@ -51,7 +52,7 @@ def test_budget_size_errors(budget, match):
     with pytest.raises(ValueError, match=match):
         budget_size(budget, 300)
     for bad in (True, "10", None):
-        with pytest.raises(TypeError, match="not a number"):
+        with pytest.raises(ValueError, match="not a number"):
             budget_size(bad, 300)
     with pytest.raises(ValueError, match="n=0"):
         budget_size(1, 0)
@@ -389,3 +390,22 @@ def test_entropy_and_sampling_probabilities():
         sampling_probabilities(torch.zeros(4))
     with pytest.raises(ValueError, match="non-negative"):
         sampling_probabilities(torch.tensor([1.0, -1.0]))
+
+
+@pytest.mark.parametrize("budget", [0, -1, float("nan"), float("inf"), 2.5, True, "3"])
+def test_the_config_refuses_a_budget_with_budget_sizes_message(tmp_path, budget):
+    from trl_u2a import U2AConfig
+    from trl_u2a.testing import cpu_training_args
+
+    with pytest.raises(ValueError) as from_size:
+        budget_size(budget, 1000)
+    with pytest.raises(ValueError) as from_config:
+        cpu_training_args(U2AConfig, output_dir=str(tmp_path), budget=budget)
+    assert str(from_config.value) == str(from_size.value)
+
+
+def test_one_list_of_preconditioners():
+    from trl_u2a import config
+    from trl_u2a.influence import preconditioners
+
+    assert config.PRECONDITIONERS is preconditioners.PRECONDITIONERS

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from trl import KTOConfig
 
 from .core.losses import DEFAULT_BETA, LOSS_TYPES
-from .core.weighting import budget_size
+from .core.weighting import budget_size, check_budget
+from .influence.preconditioners import PRECONDITIONERS
 
 RETAIN_LOSSES = ("nll", "kl")
 WEIGHTINGS = ("loss", "sampling")
-PRECONDITIONERS = ("identity", "adam", "fisher")
 
 
 @dataclass
@@ -263,15 +263,7 @@ class U2AConfig(KTOConfig):
             raise ValueError(
                 f"max_weight={self.max_weight} must be a finite number ≥ 1 (a multiple of the mean weight)."
             )
-        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not math.isfinite(self.budget):
-            raise ValueError(f"budget={self.budget!r} must be a number: a fraction in (0, 1] or a count above 1.")
-        if self.budget <= 0:
-            raise ValueError(f"budget={self.budget} must be > 0: a fraction in (0, 1] or a count above 1.")
-        if self.budget > 1 and self.budget != int(self.budget):
-            raise ValueError(
-                f"budget={self.budget} is neither a fraction in (0, 1] nor a whole count of negatives; use e.g. "
-                f"{int(self.budget)} or 0.5."
-            )
+        check_budget(self.budget)
         _check_finite("reweight_overhead", self.reweight_overhead)
         if not 0 < self.reweight_overhead <= 10:
             raise ValueError(

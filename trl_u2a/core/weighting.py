@@ -41,6 +41,28 @@ _DTYPE = torch.float64
 _MAX_IDS_IN_ERRORS = 10
 
 
+_BUDGET_FORMS = "a fraction in (0, 1] or a whole count above 1"
+
+
+def check_budget(budget: float) -> float:
+    """The budget as a float, if it has one of its two forms (`budget_size`): the one check that `U2AConfig` and
+    `budget_size` run.
+
+    Raises:
+        ValueError: for a bool or a non-number, or a budget that is 0, negative, NaN, infinite or a non-whole number
+            above 1.
+    """
+    # bool is an int in Python; `budget=True` is almost surely a mistake, not "select all".
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        raise ValueError(f"budget={budget!r} is not a number; pass {_BUDGET_FORMS}.")
+    value = float(budget)
+    if math.isnan(value) or value <= 0.0:
+        raise ValueError(f"budget={budget!r} selects nothing; pass {_BUDGET_FORMS}.")
+    if value > 1.0 and (math.isinf(value) or value != math.floor(value)):
+        raise ValueError(f"budget={budget!r} is above 1 but not a whole count; pass {_BUDGET_FORMS}.")
+    return value
+
+
 def budget_size(budget: float, n: int) -> int:
     """Number of negatives to select, `k`, from a budget: the one rule that the trainer, the demo and the CLI use.
 
@@ -53,27 +75,18 @@ def budget_size(budget: float, n: int) -> int:
         `k`, with `1 ≤ k ≤ n`.
 
     Raises:
-        ValueError: for `n < 1`, or a budget that is 0, negative, NaN, a non-whole number above 1 or a count above
-            `n`.
-        TypeError: for a budget that is not a number, or a bool.
+        ValueError: for `n < 1`, a budget that `check_budget` refuses, or a count above `n`.
     """
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"n={n!r} must be a positive int, the number of negatives.")
-    expected = f"pass a fraction in (0, 1] or a whole count in [2, {n}]"
-    # bool is an int in Python; `budget=True` is almost surely a mistake, not "select all".
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
-        raise TypeError(f"budget={budget!r} is not a number; {expected}.")
-    budget = float(budget)
-    if math.isnan(budget) or budget <= 0.0:
-        raise ValueError(f"budget={budget!r} selects nothing; {expected}.")
-    if budget <= 1.0:
+    value = check_budget(budget)
+    if value <= 1.0:
         # Half up rather than Python's banker's rounding: the documented rule, independent of parity.
-        return max(1, min(n, math.floor(budget * n + 0.5)))
-    if budget != math.floor(budget) or math.isinf(budget):
-        raise ValueError(f"budget={budget!r} is above 1 but not a whole count; {expected}.")
-    if budget > n:
-        raise ValueError(f"budget={int(budget)} is larger than the {n} negatives; {expected}.")
-    return int(budget)
+        return max(1, min(n, math.floor(value * n + 0.5)))
+    if value > n:
+        raise ValueError(f"budget={int(value)} is larger than the {n} negatives; pass a fraction in (0, 1] or a whole "
+                         f"count in [2, {n}].")  # fmt: skip
+    return int(value)
 
 
 def _as_weights(weights: Any, name: str = "weights") -> torch.Tensor:
