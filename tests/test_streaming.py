@@ -5,6 +5,7 @@ below, the code before streaming)."""
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import pytest
@@ -168,3 +169,39 @@ def test_score_negatives_streams_and_scores_as_before(tiny_model_path, tokenizer
     assert counter.built == (24 if loss_type == "npo" else 12) and counter.max_alive <= MAX_ALIVE
     listed = listed_score_negatives(model, tokenizer, negatives, alignment, loss_type, batch_size=2)
     assert torch.equal(torch.tensor(scored["score"], dtype=torch.float32), listed)
+
+
+def listed_trace_rows(record, scores: dict, weights: list, names):
+    """The trace rows as `TraceWriter.write_rows` built them before streaming: every row dict in one list."""
+    rows = []
+    for i in sorted(set(scores) | {i for i, w in enumerate(weights) if w > 0}):
+        row = {"refresh": record["refresh"], "step": record["step"], "example_id": i, "score": scores.get(i)}
+        row["weight"] = weights[i]
+        if names is not None:
+            row["id"] = names[i]
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("with_names", [False, True])
+def test_trace_rows_are_written_in_chunks_as_before(tmp_path, monkeypatch, with_names):
+    import json
+
+    from trl_u2a.refresh import record as record_module
+
+    monkeypatch.setattr(record_module, "TRACE_CHUNK", 7)  # several chunks, the last one partial
+    generator = torch.Generator().manual_seed(0)
+    n = 40
+    weights = torch.rand(n, generator=generator, dtype=torch.float64) * (torch.rand(n, generator=generator) > 0.6)
+    # Candidates in the controller's order (not sorted), a non-finite score among them; selected ones not all scored
+    ids = torch.randperm(n, generator=generator)[:17]
+    scores = torch.randn(17, generator=generator, dtype=torch.float64)
+    scores[3] = math.nan
+    names = [f"row-{i}" for i in range(n)] if with_names else None
+    record = {"refresh": 2, "step": 30}
+    record_module.TraceWriter(str(tmp_path)).write_rows(record, ids, scores, weights, names)
+
+    expected = listed_trace_rows(record, dict(zip(ids.tolist(), scores.tolist())), weights.tolist(), names)
+    lines = (tmp_path / record_module.TRACE_FILE).read_text().splitlines()
+    assert lines == [json.dumps(row) for row in expected]
+    assert len(lines) > 2 * 7

@@ -538,7 +538,7 @@ class RefreshController:
             for previous in self.history:  # only the latest refresh's scores are kept in memory (the plots read them)
                 previous.pop("last_scores", None)
             record["last_scores"] = dict(zip(ids.tolist(), scores.tolist()))
-            self.trace.write_rows(record, record["last_scores"], record["weights"], self.host.negative_names)
+            self.trace.write_rows(record, ids, scores, self.host.weight_state.weights, self.host.negative_names)
             self.trace.write_record(record)
 
     # ------------------------------------------------------------ checkpoint
