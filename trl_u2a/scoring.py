@@ -9,11 +9,14 @@ best = scored.sort("score", reverse=True).select(range(1000))
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import torch
 from datasets import Dataset
 
 from . import data as u2a_data
-from .core.modeling import fill_reference_logps, model_device, move_batch
-from .core.objectives import DPOObjective, as_objective, reference_logps
+from .core.modeling import model_device, move_batch, reference_values, sequence_logps
+from .core.objectives import DPOObjective, as_objective, pair_reference_values
 from .influence import compute_query, make_unlearning_loss_fn, score_dataset, scoring_mode
 
 
@@ -64,22 +67,58 @@ def score_negatives(
     device = model_device(model)
     objective = as_objective(objective) if objective is not None else DPOObjective(beta_pa)
     reference = model.disable_adapter if hasattr(model, "disable_adapter") else None
+    loss_fn = make_unlearning_loss_fn(loss_type, beta, gamma, ga_reduction)
+    num_batches = -(-len(rows) // batch_size)
 
-    pair_batches = [
-        move_batch(collate_pairs([pairs[i] for i in range(s, min(s + batch_size, len(pairs)))]), device)
-        for s in range(0, len(pairs), batch_size)
-    ]
-    negative_batches = [
-        move_batch(collate([rows[i] for i in range(s, min(s + batch_size, len(rows)))]), device)
-        for s in range(0, len(rows), batch_size)
-    ]
+    # Every pass builds its batches one at a time (`batches`): the memory of scoring N negatives is one batch plus
+    # N floats, whatever N. Reference log-probs are a pass of their own, sliced into the batches of the next pass.
     with scoring_mode(model):
+        pair_values = {}
         if getattr(objective, "needs_reference", False):
-            pair_batches = reference_logps(model, pair_batches, reference_context=reference)
+            pair_values = pair_reference_values(
+                model, batches(pairs, collate_pairs, batch_size, device), reference_context=reference
+            )
+        negative_values = {}
         if loss_type == "npo":
-            negative_batches = fill_reference_logps(model, negative_batches, reference_context=reference)
-        query = compute_query(model, objective, pair_batches, preconditioner=preconditioner, damping=damping)
-        loss_fn = make_unlearning_loss_fn(loss_type, beta, gamma, ga_reduction)
-        scores = score_dataset(model, negative_batches, loss_fn, query, desc="Scoring negatives")
+            negative_values = reference_values(
+                model, batches(rows, collate, batch_size, device), _negative_logps, reference_context=reference
+            )
+        query = compute_query(
+            model,
+            objective,
+            batches(pairs, collate_pairs, batch_size, device, pair_values),
+            preconditioner=preconditioner,
+            damping=damping,
+        )
+        scores = score_dataset(
+            model,
+            batches(rows, collate, batch_size, device, negative_values),
+            loss_fn,
+            query,
+            desc="Scoring negatives",
+            total=num_batches,
+        )
     drop = [c for c in ("prompt_ids", "completion_ids", "label", "weight") if c in rows.column_names]
     return rows.remove_columns(drop).add_column("score", scores.double().cpu().tolist())
+
+
+def batches(
+    dataset: Dataset,
+    collate,
+    batch_size: int,
+    device: torch.device,
+    values: dict[str, torch.Tensor] | None = None,
+) -> Iterator[dict]:
+    """The rows of `dataset` in order, `batch_size` at a time, each collated and moved to `device` when asked for,
+    with its slice of each `(N,)` tensor of `values` (per-row reference log-probs) under the same key."""
+    for start in range(0, len(dataset), batch_size):
+        stop = min(start + batch_size, len(dataset))
+        batch = collate([dataset[i] for i in range(start, stop)])
+        batch.update({k: v[start:stop] for k, v in (values or {}).items()})
+        yield move_batch(batch, device)
+
+
+def _negative_logps(model, batch: dict) -> dict[str, torch.Tensor]:
+    """`ref_logps` of a batch of negatives: the reference log-probs NPO reads."""
+    logps, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    return {"ref_logps": logps}

@@ -153,10 +153,34 @@ def with_reference(
     reference_context: Callable[[], AbstractContextManager] | None = None,
 ) -> list[dict]:
     """Copies of `batches` updated with `logps_fn(model, batch)` (new `(B,)` tensors by key), detached, computed once
-    in eval mode under `torch.no_grad()` and `reference_context()`: the one loop behind every reference log-prob."""
+    in eval mode under `torch.no_grad()` and `reference_context()`. Holds every batch: for a long pass, take
+    `reference_values` and add their slices to the batches as they are built."""
     out = []
-    # eval: no dropout, the reference is a deterministic function of the start weights
-    with eval_mode(model), torch.no_grad(), reference_context() if reference_context is not None else nullcontext():
+    with _reference_mode(model, reference_context):
         for batch in batches:
             out.append({**batch, **{k: v.detach() for k, v in logps_fn(model, batch).items()}})
     return out
+
+
+def reference_values(
+    model: torch.nn.Module,
+    batches: Iterable[dict],
+    logps_fn: Callable[[torch.nn.Module, dict], dict[str, torch.Tensor]],
+    reference_context: Callable[[], AbstractContextManager] | None = None,
+) -> dict[str, torch.Tensor]:
+    """`logps_fn(model, batch)` of every batch, concatenated by key in batch order (`(N,)` float32 each, on the CPU),
+    computed as `with_reference` does. Each batch is dropped once its values are read, so a generator of batches
+    keeps the pass at one batch of memory plus N floats per key."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    with _reference_mode(model, reference_context):
+        for batch in batches:
+            for k, v in logps_fn(model, batch).items():
+                parts.setdefault(k, []).append(v.detach().float().cpu())
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+@contextmanager
+def _reference_mode(model: torch.nn.Module, reference_context: Callable[[], AbstractContextManager] | None):
+    # eval: no dropout, the reference is a deterministic function of the start weights
+    with eval_mode(model), torch.no_grad(), reference_context() if reference_context is not None else nullcontext():
+        yield

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .losses import nll_loss
-from .modeling import sequence_logps, with_reference
+from .modeling import reference_values, sequence_logps, with_reference
 
 PAIR_SIDES = ("chosen", "rejected")
 
@@ -153,14 +153,28 @@ def reference_logps(
 
     Computed once, under `torch.no_grad()` and in eval mode. Pass the start model, or the PEFT policy with
     `reference_context=peft_model.disable_adapter` (the base model with the adapter disabled is `θ_0`).
+    `pair_reference_values` computes the same values without holding the batches.
     """
     pair_batches = list(pair_batches)
     if not pair_batches:
         raise ValueError("reference_logps got no pair batches.")
+    return with_reference(model, pair_batches, _pair_logps, reference_context)
 
-    def logps_of(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        # The same concatenated forward as `DPOObjective`, so that the DPO margin is exactly 0 at `θ_0`
-        logps_w, _, logps_l, _ = chosen_rejected_logps(model, batch)
-        return {"ref_chosen_logps": logps_w, "ref_rejected_logps": logps_l}
 
-    return with_reference(model, pair_batches, logps_of, reference_context)
+def pair_reference_values(
+    model: torch.nn.Module,
+    pair_batches: Iterable[dict],
+    reference_context: Callable[[], AbstractContextManager] | None = None,
+) -> dict[str, torch.Tensor]:
+    """`ref_chosen_logps` and `ref_rejected_logps` of every pair, `(P,)` float32 each on the CPU in batch order: the
+    values `reference_logps` adds, computed one batch at a time (`modeling.reference_values`)."""
+    values = reference_values(model, pair_batches, _pair_logps, reference_context)
+    if not values:
+        raise ValueError("pair_reference_values got no pair batches.")
+    return values
+
+
+def _pair_logps(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    # The same concatenated forward as `DPOObjective`, so that the DPO margin is exactly 0 at `θ_0`
+    logps_w, _, logps_l, _ = chosen_rejected_logps(model, batch)
+    return {"ref_chosen_logps": logps_w, "ref_rejected_logps": logps_l}

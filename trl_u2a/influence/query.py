@@ -56,10 +56,7 @@ def alignment_gradient(
         `AlignmentGradient` (`dict[param -> fp32 tensor]`, plus `objective_value`, `num_pairs`, `fisher`).
     """
     objective = as_objective(objective)
-    pair_batches = list(pair_batches)
     distributed = dist.is_available() and dist.is_initialized()
-    if not pair_batches and not distributed:
-        raise ValueError("alignment_gradient got no pair batches: the alignment set is empty.")
     base = unwrap_model(model)
     params = unique_params(tracked_parameters(base) if params is None else params)
     if not params:
@@ -85,14 +82,18 @@ def alignment_gradient(
         totals[0] += losses.detach().sum().to(torch.float64)
         totals[1] += losses.shape[0]
 
+    num_batches = 0
+    # `pair_batches` is iterated once, each batch dropped after its backward: a generator keeps one batch in memory
     with scoring_mode(base), torch.enable_grad(), ForwardParameters(base, params) as forward:
-        for batch in pair_batches:
+        for num_batches, batch in enumerate(pair_batches, 1):
             if return_fisher:
                 # The empirical Fisher needs each pair's own gradient: one pair at a time.
                 for i in range(batch_size_of(batch)):
                     accumulate(_pair_losses(objective, base, slice_batch(batch, i)), True)
             else:
                 accumulate(_pair_losses(objective, base, batch), False)
+    if num_batches == 0 and not distributed:
+        raise ValueError("alignment_gradient got no pair batches: the alignment set is empty.")
 
     if distributed:
         # Same tensors, same order on every rank: never skipped, whatever the local data.

@@ -137,8 +137,12 @@ def score_dataset(
     desc: str = "U2A scoring",
     method: str = "auto",
     disable_progress: bool = False,
+    total: int | None = None,
 ) -> torch.Tensor:
     """Scores of many batches of negatives, concatenated: `(N,)` float32, in batch order.
+
+    `batches` is iterated once and each batch is dropped once scored: pass a generator that builds each batch when
+    asked, and the pass holds one batch at a time whatever N (`total`: its number of batches, for the progress bar).
 
     `method`: `"ghost"`, `"brute_force"` or `"auto"` (ghost when `v` is covered, else brute force with one
     warning). Shows a tqdm progress bar, disabled by `disable_progress` (the trainer passes `disable_tqdm`), when the
@@ -160,7 +164,8 @@ def score_dataset(
             "(brute force, much slower).",
             stacklevel=2,
         )
-    total = len(batches) if hasattr(batches, "__len__") else None
+    if total is None and hasattr(batches, "__len__"):
+        total = len(batches)
     progress = tqdm(batches, desc=desc, total=total, disable=disable_progress or _progress_disabled(), unit="batch")
     device = model_device(base)
     out = []

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -49,22 +49,20 @@ class TrainerHost:
     def set_weights(self, state: WeightState) -> None:
         self.trainer.set_weights(state)
 
-    def negative_batches(self, ids: list[int], batch_size: int, device: torch.device) -> list[dict]:
-        return self._collated(self.trainer.negative_rows[ids].tolist(), batch_size, device)
+    def negative_batches(self, ids: list[int], batch_size: int, device: torch.device) -> Iterator[dict]:
+        return self._collated(self.trainer.negative_rows[ids], batch_size, device)
 
-    def retain_batches(self, positions: list[int], batch_size: int, device: torch.device) -> list[dict]:
-        return self._collated(self.trainer.retain_rows[positions].tolist(), batch_size, device)
+    def retain_batches(self, positions: list[int], batch_size: int, device: torch.device) -> Iterator[dict]:
+        return self._collated(self.trainer.retain_rows[positions], batch_size, device)
 
-    def _collated(self, rows: list[int], batch_size: int, device: torch.device) -> list[dict]:
-        """Training rows `rows` in batches of `batch_size`, collated and moved to `device` (one column read per
-        batch)."""
+    def _collated(self, rows: torch.Tensor, batch_size: int, device: torch.device) -> Iterator[dict]:
+        """Training rows `rows` in batches of `batch_size`, each collated and moved to `device` when it is asked for
+        (one column read per batch): a pass over N rows holds one batch, not N rows of batches."""
         dataset, collator = self.trainer.train_dataset, self.trainer.data_collator
-        batches = []
         for start in range(0, len(rows), batch_size):
-            columns = dataset[rows[start : start + batch_size]]
+            columns = dataset[rows[start : start + batch_size].tolist()]
             examples = [dict(zip(columns, values)) for values in zip(*columns.values())]
-            batches.append(move_batch(collator(examples), device))
-        return batches
+            yield move_batch(collator(examples), device)
 
     def reference(self) -> tuple[nn.Module | None, Callable[[], AbstractContextManager] | None]:
         """The trainer's `ref_model`; under PEFT, TRL's frozen "ref" copy of a pretrained adapter or else the base model

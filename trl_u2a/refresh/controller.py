@@ -23,13 +23,14 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..core.modeling import PADDING, model_device, move_batch, sequence_logps
-from ..core.objectives import AlignmentObjective, reference_logps
+from ..core.objectives import AlignmentObjective, pair_reference_values
 from ..core.sampler import mix_seed
 from ..core.schedule import fixed_steps, refresh_rows, refresh_steps
 from ..core.weighting import refresh_weights
@@ -360,15 +361,16 @@ class RefreshController:
         return value
 
     # ---------------------------------------------------------------- batches
-    def _pair_batches(self, model: nn.Module, generator: torch.Generator | None, sample: int) -> list[dict]:
+    def _pair_batches(self, model: nn.Module, generator: torch.Generator | None, sample: int) -> Iterator[dict]:
         """This rank's share of `sample` alignment pairs drawn with `generator` (all of them, in order and without
-        drawing, when `sample` is the number of pairs), collated, with their reference log-probs once known."""
+        drawing, when `sample` is the number of pairs), collated, with their reference log-probs once known; each
+        batch is built when asked for (the draw happens at the first)."""
         num_pairs = len(self.pairs)
         order = torch.arange(num_pairs)
         if sample < num_pairs:
             order = torch.randperm(num_pairs, generator=generator)[:sample].sort().values
         local, padding = self.host.sharding.chunk(order.tolist())
-        batches = []
+        device = model_device(model)
         for start in range(0, len(local), self.batch_size):
             rows = local[start : start + self.batch_size]
             batch = self.pair_collator([self.pairs[i] for i in rows])
@@ -376,8 +378,7 @@ class RefreshController:
             if self.ref_pair_logps is not None:
                 batch["ref_chosen_logps"] = self.ref_pair_logps[rows, 0]
                 batch["ref_rejected_logps"] = self.ref_pair_logps[rows, 1]
-            batches.append(move_batch(batch, model_device(model)))
-        return batches
+            yield move_batch(batch, device)
 
     def _reference_pair_logps(self, model: nn.Module) -> torch.Tensor:
         """`log π_0` of every pair's chosen and rejected completion, `(P, 2)`, computed once (saved in checkpoints):
@@ -388,8 +389,8 @@ class RefreshController:
             model = reference
         num_pairs = len(self.pairs)
         batches = self._pair_batches(model, None, num_pairs)  # every pair, in order: this rank's padded chunk
-        filled = reference_logps(model, batches, reference_context=context)
-        local = torch.cat([torch.stack([b["ref_chosen_logps"], b["ref_rejected_logps"]], dim=1) for b in filled])
+        values = pair_reference_values(model, batches, reference_context=context)
+        local = torch.stack([values["ref_chosen_logps"], values["ref_rejected_logps"]], dim=1)
         return self.host.sharding.gather_chunks(local.float(), num_pairs)
 
     def _dry_batches(self, generator: torch.Generator) -> list[dict]:
@@ -406,7 +407,7 @@ class RefreshController:
         batches = []
         for start in range(0, draws, size):
             local, padding = host.sharding.chunk(order[start : start + size].tolist())
-            batch = host.negative_batches(local, len(local), device)[0]
+            batch = next(iter(host.negative_batches(local, len(local), device)))
             batch[PADDING] = padding.to(device)
             batches.append(batch)
         return batches
@@ -444,7 +445,7 @@ class RefreshController:
         chunk, _ = self.host.sharding.chunk(candidates.tolist(), min_size=1)
         scores = torch.zeros(max(1, len(chunk)), dtype=torch.float32)
         if m:
-            # Collated on the CPU: `score_dataset` moves one batch at a time to the device (all of them at once
+            # Built one batch at a time, on the CPU; `score_dataset` moves each to the device (all of them at once
             # would hold every candidate there at refresh 0)
             batches = self.host.negative_batches(chunk, self.batch_size, torch.device("cpu"))
             scores = score_dataset(
@@ -454,6 +455,7 @@ class RefreshController:
                 query,
                 desc=f"U2A refresh {self.refresh_index}",
                 disable_progress=self.host.args.disable_tqdm,
+                total=-(-len(chunk) // self.batch_size),
             ).cpu()
         return self.host.sharding.gather_chunks(scores, m)
 
@@ -537,7 +539,7 @@ class RefreshController:
             for previous in self.history:  # only the latest refresh's scores are kept in memory (the plots read them)
                 previous.pop("last_scores", None)
             record["last_scores"] = dict(zip(ids.tolist(), scores.tolist()))
-            self.trace.write_rows(record, record["last_scores"], record["weights"], self.host.negative_names)
+            self.trace.write_rows(record, ids, scores, self.host.weight_state.weights, self.host.negative_names)
             self.trace.write_record(record)
 
     # ------------------------------------------------------------ checkpoint

@@ -6,7 +6,7 @@ a `U2ATrainer`. Another training loop can drive U2A's refresh by implementing it
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -48,12 +48,14 @@ class RefreshHost(Protocol):
         """Install new weights: the loss and sampler use them from the next batch."""
         ...
 
-    def negative_batches(self, ids: list[int], batch_size: int, device: torch.device) -> list[dict]:
-        """Negatives `ids` collated as training batches of `batch_size` rows, moved to `device`."""
+    def negative_batches(self, ids: list[int], batch_size: int, device: torch.device) -> Iterable[dict]:
+        """Negatives `ids` collated as training batches of `batch_size` rows, moved to `device`. Iterated once, in
+        order; a generator that builds each batch when asked keeps a pass over N negatives at one batch of memory."""
         ...
 
-    def retain_batches(self, positions: list[int], batch_size: int, device: torch.device) -> list[dict]:
-        """Retain rows (by position among the retain rows) collated as training batches, moved to `device`."""
+    def retain_batches(self, positions: list[int], batch_size: int, device: torch.device) -> Iterable[dict]:
+        """Retain rows (by position among the retain rows) collated as training batches, moved to `device`; iterated
+        once, in order, like `negative_batches`."""
         ...
 
     def reference(self) -> tuple[nn.Module | None, Callable[[], AbstractContextManager] | None]:

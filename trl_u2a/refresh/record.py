@@ -8,11 +8,16 @@ weight`, and the user's `id` when the training data has that column).
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Iterable
 from typing import Any, TypedDict
+
+import torch
 
 TRACE_FILE = "u2a_trace.jsonl"
 REFRESH_FILE = "u2a_refreshes.jsonl"
+TRACE_CHUNK = 4096  # trace rows built at a time
 IN_MEMORY_ONLY = ("weights", "last_scores")
 
 
@@ -123,7 +128,7 @@ class TraceWriter:
     def __init__(self, output_dir: str):
         self.output_dir = output_dir
 
-    def _append(self, name: str, rows: list[dict[str, Any]]) -> None:
+    def _append(self, name: str, rows: Iterable[dict[str, Any]]) -> None:
         os.makedirs(self.output_dir, exist_ok=True)
         with open(os.path.join(self.output_dir, name), "a") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
@@ -134,24 +139,38 @@ class TraceWriter:
     def write_rows(
         self,
         record: RefreshRecord,
-        scores: dict[int, float],
-        weights: list[float],
+        ids: torch.Tensor,
+        scores: torch.Tensor,
+        weights: torch.Tensor,
         names: list[str] | None,
     ) -> None:
-        """One row per negative scored in this refresh or selected after it (`weights[i] > 0`), by id."""
-        rows = []
-        for i in sorted(set(scores) | {i for i, w in enumerate(weights) if w > 0}):
-            row = {
-                "refresh": record["refresh"],
-                "step": record["step"],
-                "example_id": i,
-                "score": scores.get(i),
-                "weight": weights[i],
-            }
-            if names is not None:
-                row["id"] = names[i]
-            rows.append(row)
-        self._append(TRACE_FILE, rows)
+        """One row per negative scored in this refresh (`ids`, `scores`, `(m,)`) or selected after it (`weights[i] >
+        0`, `(N,)`), by id. Rows are built and written `TRACE_CHUNK` at a time: the initial pass scores every negative,
+        and a list of N row dicts would be the largest thing it holds."""
+        score_of = torch.full_like(weights, math.nan, dtype=torch.float64)
+        score_of[ids] = scores.to(torch.float64)
+        scored = torch.zeros(len(weights), dtype=torch.bool)
+        scored[ids] = True
+        rows = torch.nonzero(scored | (weights > 0)).flatten()
+
+        def chunks():
+            for start in range(0, len(rows), TRACE_CHUNK):
+                chunk = rows[start : start + TRACE_CHUNK]
+                for i, is_scored, score, weight in zip(
+                    chunk.tolist(), scored[chunk].tolist(), score_of[chunk].tolist(), weights[chunk].tolist()
+                ):
+                    row = {
+                        "refresh": record["refresh"],
+                        "step": record["step"],
+                        "example_id": i,
+                        "score": score if is_scored else None,
+                        "weight": weight,
+                    }
+                    if names is not None:
+                        row["id"] = names[i]
+                    yield row
+
+        self._append(TRACE_FILE, chunks())
 
     def truncate(self, refresh_index: int) -> None:
         """Drop what was written after a checkpoint (refreshes `>= refresh_index` and the final record), so that a
