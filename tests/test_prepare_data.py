@@ -245,9 +245,7 @@ def test_prepared_alignment_split_feeds_the_trainer(tiny_model_path, tmp_path):
 
 def test_a_small_file_with_the_default_sizes_names_the_sizes_and_the_flag_that_fits(tmp_path, capsys):
     source = write_pku_file(tmp_path / "pku.jsonl", num_prompts=40)
-    with pytest.raises(SystemExit) as exit_:
-        cli(["--dataset", source, "--output_dir", str(tmp_path / "out")])
-    assert exit_.value.code == 2
+    assert trl_u2a_main(["prepare-data", "--dataset", source, "--output_dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err and "-" + "390" not in err
     assert "--num_test_prompts 2000 holds out 40 prompts for testing, leaving 0" in err
@@ -276,9 +274,8 @@ def test_an_unreachable_hub_fails_fast_in_one_line_naming_the_offline_alternativ
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("load_dataset must not be reached"))
     started = time.monotonic()
-    with pytest.raises(SystemExit) as exit_:
-        cli(["--dataset", "some-org/some-dataset", "--output_dir", str(tmp_path / "out")])
-    assert exit_.value.code == 2 and time.monotonic() - started < 10
+    argv = ["prepare-data", "--dataset", "some-org/some-dataset", "--output_dir", str(tmp_path / "out")]
+    assert trl_u2a_main(argv) == 2 and time.monotonic() - started < 10
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "--dataset 'some-org/some-dataset' is not a local path and cannot be loaded from the Hub" in err
@@ -287,8 +284,7 @@ def test_an_unreachable_hub_fails_fast_in_one_line_naming_the_offline_alternativ
 
 def test_an_uncached_hub_id_offline_fails_in_one_line(tmp_path, capsys):
     # The tests run with HF_HUB_OFFLINE=1: datasets raises its own ConnectionError for an id not in the cache
-    with pytest.raises(SystemExit) as exit_:
-        cli(["--dataset", "some-org/not-in-the-cache", "--output_dir", str(tmp_path / "out")])
-    assert exit_.value.code == 2
+    argv = ["prepare-data", "--dataset", "some-org/not-in-the-cache", "--output_dir", str(tmp_path / "out")]
+    assert trl_u2a_main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot be loaded from the Hub" in err and "Traceback" not in err

@@ -157,7 +157,12 @@ def test_patience_stops_training_with_a_reason(tiny_model_path, tmp_path, plante
     trainer = U2ATrainer(model=tiny_model_path, args=args, train_dataset=negatives, alignment_dataset=alignment)
     trainer.train()
     assert trainer.state.global_step == 2  # J never improves at lr 0: refreshes at steps 1 and 2 count
-    assert "has not improved for 2 refreshes" in trainer.refresh_callback.history[-1]["stopped"]
+    stopped, final = trainer.refresh_callback.history[-2:]
+    assert "has not improved for 2 refreshes" in stopped["stopped"]
+    # An early stop ends with the final record too, as a run that reaches max_steps does
+    assert final["final"] and final["step"] == 2
+    written = [json.loads(line) for line in open(tmp_path / "u2a_refreshes.jsonl")]
+    assert written[-1]["final"] and written[-1]["objective"] == pytest.approx(final["objective"])
 
 
 @pytest.mark.parametrize("reweight_steps, plots", [(1, True), (None, False)])
@@ -313,6 +318,25 @@ def test_no_positive_score_at_the_start_is_a_clear_error(tiny_model_path, tmp_pa
     )
     with pytest.raises(ValueError, match="No negative has a positive influence score"):
         trainer.train()
+
+
+def test_no_positive_score_after_the_warm_up_stops_cleanly(tiny_model_path, tmp_path):
+    """The same negatives with a warm-up: the warm-up's steps are not lost to an error. Training stops at the initial
+    pass with the reason in the record, a final record, and a model that saves."""
+    alignment = Dataset.from_dict({"prompt": PROMPTS, "chosen": CHOSEN, "rejected": REJECTED})
+    negatives = Dataset.from_dict({"prompt": PROMPTS, "completion": CHOSEN})
+    args = cpu_args(tmp_path, loss_type="ga", preconditioner="identity", max_steps=8, reweight_warmup_steps=2)
+    trainer = U2ATrainer(model=tiny_model_path, args=args, train_dataset=negatives, alignment_dataset=alignment)
+    trainer.train()
+    assert trainer.state.global_step == 2
+    initial, final = trainer.refresh_callback.history
+    assert initial["step"] == 2 and initial["n_selected"] == 0
+    assert initial["stopped"].startswith("no negative has a positive influence score at the initial pass (6 scored")
+    assert final["final"] and final["step"] == 2
+    written = [json.loads(line) for line in open(tmp_path / "u2a_refreshes.jsonl")]
+    assert written[-1]["final"] and "initial pass" in written[0]["stopped"]
+    trainer.save_model(str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("loss_type", ["ga", "npo"])

@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import random
+import sys
 from typing import Any
 
 SCHEMAS = ("pku_saferlhf", "ultrafeedback", "preference")
@@ -481,11 +482,8 @@ def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
 def cli(argv: list[str] | None = None) -> int:
     parser = make_parser(prog="trl-u2a prepare-data")
     args = parser.parse_args(argv)
-    try:
-        _, summary = _prepare_from_args(args)
-    except (HubUnreachableError, ValueError, FileNotFoundError) as error:
-        # Errors about the user's input: one line, as argparse reports a bad flag
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    # Errors about the user's input are raised: `trl-u2a` prints them in one line (`scripts.errors`)
+    _, summary = _prepare_from_args(args)
     print(format_summary(summary))
     print(f"Saved to {args.output_dir}.")
     return 0
@@ -508,4 +506,6 @@ def _prepare_from_args(args):
 
 
 if __name__ == "__main__":
-    raise SystemExit(cli())
+    from trl_u2a.scripts.errors import run_command
+
+    raise SystemExit(run_command("prepare-data", cli, sys.argv[1:]))

@@ -154,8 +154,9 @@ class RefreshController:
             self.ghost.detach()
             self.ghost = None
         cost = self._report_cost()
-        if self.history and self.history[-1]["step"] < step:
-            # J after the last window, so that every refresh has its realised change (no scoring: weights are final)
+        if self.history and (self.history[-1]["step"] < step or self.history[-1].get("stopped")):
+            # J after the last window, so that every refresh has its realised change (no scoring: weights are final);
+            # an early stop gets it too (after a collapse guard's restore, the model differs from the refresh's)
             self.host.log_metrics({"u2a/objective": self._final_objective(step, cost)})
         elif self.history:
             self.history[-1].update(cost)
@@ -263,18 +264,25 @@ class RefreshController:
         )
         record.update(info)
         if info["n_selected"] == 0:
-            if self.refresh_index == 0:
-                raise ValueError(
-                    f"No negative has a positive influence score at the initial pass ({len(ids)} scored, mean "
-                    f"|s| = {info['score_scale']:.3g}): unlearning any of them is predicted to raise the alignment "
-                    "loss J. Check that alignment_dataset's rejected responses resemble the negatives, and that "
-                    "the start model is not untrained or memorised."
-                )
-            # The brake of re-selection: nothing is predicted to help any more, so stop with the last weights
-            record["stopped"] = "no negative has a positive influence score any more"
+            initial = self.refresh_index == 0
+            nothing = (
+                f"no negative has a positive influence score at the initial pass ({len(ids)} scored, mean |s| = "
+                f"{info['score_scale']:.3g}): unlearning any of them is predicted to raise the alignment loss J"
+            )
+            advice = (
+                "Check that alignment_dataset's rejected responses resemble the negatives, and that the start model "
+                "is not untrained or memorised (docs/troubleshooting.md)."
+            )
+            if initial and record["step"] == 0:
+                # Nothing trained yet: refusing to start loses nothing
+                raise ValueError(f"{nothing[0].upper()}{nothing[1:]}. {advice}")
+            # After a warm-up (the initial pass) or later (the brake of re-selection): stop with the weights as they
+            # are, so that the steps trained so far end in a saved model rather than a traceback
+            record["stopped"] = nothing if initial else "no negative has a positive influence score any more"
             self._say(
                 logging.WARNING,
-                f"U2A early stop at step {record['step']}: {record['stopped']}; the weights stay as they were.",
+                f"U2A early stop at step {record['step']}: {record['stopped']}; the weights stay as they were."
+                + (f" {advice}" if initial else ""),
             )
         else:
             host.set_weights(new_state)

@@ -218,11 +218,7 @@ def format_results(results: dict[str, Any]) -> str:
 def cli(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     progress_bars_off()  # one table is the output: no per-file progress bars while loading data and weights
-    try:
-        results = evaluate(args)
-    except (ValueError, FileNotFoundError, ImportError) as error:
-        print(f"trl-u2a evaluate: {error}", file=sys.stderr)
-        return 2
+    results = evaluate(args)  # errors about the input are raised: `trl-u2a` prints them in one line
     print(f"model: {results['model']}; reference: {results['reference'] or '-'}; judge: {results['judge'] or '-'}")
     print(format_results(results))
     if args.output_json:
@@ -234,4 +230,6 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    from trl_u2a.scripts.errors import run_command
+
+    sys.exit(run_command("evaluate", cli, sys.argv[1:]))

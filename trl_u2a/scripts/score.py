@@ -67,25 +67,26 @@ def main(script_args: ScoreArguments, model_args) -> str:
     from trl import get_peft_config, get_quantization_config
 
     from trl_u2a.scoring import score_negatives
-    from trl_u2a.scripts.u2a import load_dataset_any, resolve_model
+    from trl_u2a.scripts.u2a import load_alignment, load_dataset_any, resolve_model
 
+    path = resolve_model(model_args.model_name_or_path, script_args.output_dir)  # before any data is loaded
     if not script_args.dataset_name:
         raise ValueError("--dataset_name is required (a hub id, a local file or directory, or trl-u2a/synthetic).")
     if os.path.splitext(script_args.output)[1] not in (".jsonl", ".parquet"):
         raise ValueError(f"--output={script_args.output!r} must end in .jsonl or .parquet.")
     dataset = load_dataset_any(script_args.dataset_name, script_args.dataset_config, script_args.synthetic_seed)
-    if script_args.alignment_dataset_name:
-        alignment = load_dataset_any(script_args.alignment_dataset_name, script_args.alignment_dataset_config)
-    else:
-        alignment = dataset
-    for name, splits, split in (
-        ("--dataset_train_split", dataset, script_args.dataset_train_split),
-        ("--alignment_split", alignment, script_args.alignment_split),
-    ):
-        if split not in splits:
-            raise ValueError(f"{name}={split!r} is not a split of the dataset; it has {sorted(splits)}.")
+    if script_args.dataset_train_split not in dataset:
+        raise ValueError(
+            f"--dataset_train_split={script_args.dataset_train_split!r} is not a split of {script_args.dataset_name}; "
+            f"it has {sorted(dataset)}."
+        )
+    alignment = load_alignment(script_args, dataset)
+    if alignment is None:
+        raise ValueError(
+            f"--alignment_split={script_args.alignment_split!r} is not a split of {script_args.dataset_name}; it has "
+            f"{sorted(dataset)}. Scoring needs an alignment set: name that split, or give --alignment_dataset_name."
+        )
 
-    path = resolve_model(model_args.model_name_or_path, script_args.output_dir)
     dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "float32"
     model = AutoModelForCausalLM.from_pretrained(
         path,
@@ -106,7 +107,7 @@ def main(script_args: ScoreArguments, model_args) -> str:
         model,
         tokenizer,
         dataset[script_args.dataset_train_split],
-        alignment[script_args.alignment_split],
+        alignment,
         loss_type=script_args.loss_type,
         preconditioner=script_args.preconditioner,
         damping=script_args.damping,
@@ -131,8 +132,11 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
 
     dataclass_types = (ScoreArguments, ModelConfig)
     if subparsers is not None:
-        return subparsers.add_parser("score", help="Score negatives", dataclass_types=dataclass_types)
-    return TrlParser(dataclass_types, prog=prog)
+        parser = subparsers.add_parser("score", help="Score negatives", dataclass_types=dataclass_types)
+    else:
+        parser = TrlParser(dataclass_types, prog=prog)
+    parser.usage = "%(prog)s [--config SCORE.yaml] [--OPTION VALUE ...]"
+    return parser
 
 
 def cli(argv: list[str] | None = None) -> str:
@@ -141,4 +145,8 @@ def cli(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    cli()
+    import sys
+
+    from trl_u2a.scripts.errors import run_command
+
+    sys.exit(run_command("score", cli, sys.argv[1:]))

@@ -25,6 +25,7 @@ from trl import ScriptArguments, TrlParser
 
 from trl_u2a._quiet import progress_bars_off
 from trl_u2a.config import INERT_KTO_FIELDS
+from trl_u2a.scripts.errors import U2AUserError, run_command
 
 TINY_MODEL = "trl-u2a/tiny"
 SYNTHETIC_DATASET = "trl-u2a/synthetic"
@@ -89,9 +90,58 @@ def load_dataset_any(name: str, config: str | None = None, synthetic_seed: int =
     return load_hub_dataset(name, flag, name=config)
 
 
-def resolve_model(name_or_path: str, output_dir: str) -> str:
+def load_alignment(script_args: U2AScriptArguments, dataset):
+    """The alignment set: split `alignment_split` of `alignment_dataset_name` (its only split whatever its name, when
+    it has one, such as a single .jsonl file), else of `dataset`, where it may be absent (None)."""
+    if not script_args.alignment_dataset_name:
+        return dataset.get(script_args.alignment_split)
+    alignment = load_dataset_any(
+        script_args.alignment_dataset_name, script_args.alignment_dataset_config, flag="--alignment_dataset_name"
+    )
+    if script_args.alignment_split not in alignment and len(alignment) == 1:
+        # A single data file loads as one split named "train": that split is the alignment set
+        return next(iter(alignment.values()))
+    if script_args.alignment_split not in alignment:
+        raise ValueError(
+            f"--alignment_split={script_args.alignment_split!r} is not a split of "
+            f"{script_args.alignment_dataset_name}; it has {sorted(alignment)}."
+        )
+    return alignment[script_args.alignment_split]
+
+
+MODEL_REQUIRED = (
+    "--model_name_or_path is required: the model to unlearn from, as a hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct), a "
+    f"local model directory, or {TINY_MODEL} (a tiny model built offline)."
+)
+
+
+def check_model_name(name_or_path: str | None) -> None:
+    """A `U2AUserError` naming `--model_name_or_path` when it is missing, or is a local path (not a valid hub id, or
+    an existing file) that is no directory: `from_pretrained` would report either far from the cause."""
+    if not name_or_path:
+        raise U2AUserError(MODEL_REQUIRED)
+    if name_or_path == TINY_MODEL or os.path.isdir(name_or_path):
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name_or_path)
+        is_hub_id = not os.path.exists(name_or_path)
+    except HFValidationError:
+        is_hub_id = False
+    if not is_hub_id:
+        what = "a file" if os.path.exists(name_or_path) else "no such directory"
+        raise U2AUserError(
+            f"--model_name_or_path={name_or_path!r} is not a directory ({what}); give a local model directory (with "
+            f"config.json), a hub id such as Qwen/Qwen2.5-0.5B-Instruct, or {TINY_MODEL}."
+        )
+
+
+def resolve_model(name_or_path: str | None, output_dir: str) -> str:
     """The reserved `trl-u2a/tiny` builds an offline tiny model into `output_dir/tiny-model`; anything else is a hub
-    id or a path, loaded by the trainer with `from_pretrained`."""
+    id or a local directory, loaded with `from_pretrained`. A missing name, or a path that is no directory, is a
+    `U2AUserError` naming `--model_name_or_path`."""
+    check_model_name(name_or_path)
     if name_or_path != TINY_MODEL:
         return name_or_path
     from accelerate import PartialState
@@ -146,6 +196,7 @@ def main(script_args, training_args, model_args):
         model_init_kwargs.update(training_args.model_init_kwargs)
     training_args.model_init_kwargs = {k: v for k, v in model_init_kwargs.items() if v is not None}
 
+    model = resolve_model(model_args.model_name_or_path, training_args.output_dir)  # before any data is loaded
     if not script_args.dataset_name:
         raise ValueError("--dataset_name is required (a hub id, a local file or directory, or trl-u2a/synthetic).")
     dataset = load_dataset_any(script_args.dataset_name, script_args.dataset_config, script_args.synthetic_seed)
@@ -154,26 +205,11 @@ def main(script_args, training_args, model_args):
             f"--dataset_train_split={script_args.dataset_train_split!r} is not a split of {script_args.dataset_name}; "
             f"it has {sorted(dataset)}."
         )
-    if script_args.alignment_dataset_name:
-        alignment = load_dataset_any(
-            script_args.alignment_dataset_name, script_args.alignment_dataset_config, flag="--alignment_dataset_name"
-        )
-        if script_args.alignment_split not in alignment and len(alignment) == 1:
-            # A single data file loads as one split named "train": that split is the alignment set
-            alignment = {script_args.alignment_split: next(iter(alignment.values()))}
-        if script_args.alignment_split not in alignment:
-            raise ValueError(
-                f"--alignment_split={script_args.alignment_split!r} is not a split of "
-                f"{script_args.alignment_dataset_name}; it has {sorted(alignment)}."
-            )
-        alignment_dataset = alignment[script_args.alignment_split]
-    else:
-        alignment_dataset = dataset.get(script_args.alignment_split)
+    alignment_dataset = load_alignment(script_args, dataset)
     eval_dataset = None
     if training_args.eval_strategy != "no":
         eval_dataset = dataset[script_args.dataset_test_split]
 
-    model = resolve_model(model_args.model_name_or_path, training_args.output_dir)
     trainer = U2ATrainer(
         model=model,
         args=training_args,
@@ -195,7 +231,7 @@ def main(script_args, training_args, model_args):
     return trainer
 
 
-class UnknownOptionError(ValueError):
+class UnknownOptionError(U2AUserError):
     """A YAML key or command-line flag that no argument of `trl-u2a train` has (a typo, most often)."""
 
 
@@ -212,7 +248,25 @@ class U2AParser(TrlParser):
             problems = self.unknown_names(args)
             if problems:
                 raise UnknownOptionError(f"{'; '.join(problems)}. Run `{self.prog} --help` for the options.")
+            if not {"-h", "--help"} & set(args):
+                check_model_name(self.model_name(args))
         return super().parse_args_and_config(args, return_remaining_strings, fail_with_unknown_args, **kwargs)
+
+    @staticmethod
+    def model_name(args: list[str]) -> str | None:
+        """`model_name_or_path` as `args` set it, or else the YAML of `--config FILE` in them."""
+        import yaml
+
+        for i, arg in enumerate(args):
+            flag, _, value = arg.partition("=")
+            if flag == "--model_name_or_path":
+                return value if value else (args[i + 1] if i + 1 < len(args) else None)
+        if "--config" in args[:-1]:
+            with open(args[args.index("--config") + 1]) as f:
+                config = yaml.safe_load(f)
+            if isinstance(config, dict):
+                return config.get("model_name_or_path")
+        return None
 
     def unknown_names(self, args: list[str]) -> list[str]:
         """One phrase per YAML key of `--config FILE` and per `--flag` of `args` that no argument has."""
@@ -311,16 +365,10 @@ def interrupt_message(output_dir: str, argv: list[str], world_size: int = 1) -> 
 def cli(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser(prog="trl-u2a train")
-    try:
-        script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
-    except UnknownOptionError as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
-    from trl_u2a.prepare_data import HubUnreachableError
-
+    # A user error is raised: `trl-u2a` (and `python -m`) print it in one line (`scripts.errors`)
+    script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
     try:
         return main(script_args, training_args, model_args)
-    except HubUnreachableError as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
     except KeyboardInterrupt:
         # Every rank gets the Ctrl-C; one message is enough
         if os.environ.get("RANK", "0") == "0":
@@ -330,4 +378,4 @@ def cli(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    cli()
+    sys.exit(run_command("train", cli, sys.argv[1:]))
