@@ -31,6 +31,9 @@ class DemoConfig:
     seeds: tuple[int, ...] = (0,)
     # Data and start model
     n_prompts: int = 200
+    # Share of the negatives that are harmful (the base rate); the rest keep the task's 3:2 split of low_quality and
+    # near_copy. None: the task's default mixture (50 % harmful, 30 % low_quality, 20 % near_copy).
+    harmful_share: float | None = None
     vocab_size: int = 1024
     hidden_size: int = 64
     num_layers: int = 2
@@ -66,6 +69,8 @@ class DemoConfig:
     temperatures: tuple[float, ...] = ()
     untempered: bool = False
     extra_budgets: tuple[float, ...] = ()
+    # Named U2A variants: method name (starting with "u2a-") -> U2AConfig overrides
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     variant_losses: tuple[str, ...] | None = ("npo",)
     # DPO baseline
     dpo_beta: float = 0.1
@@ -167,6 +172,14 @@ class DemoConfig:
         self.methods = tuple(self.methods)
         self.settings = tuple(self.settings)
         self.u2a_overrides = dict(self.u2a_overrides)
+        self.variants = {str(name): dict(overrides) for name, overrides in self.variants.items()}
+        if self.harmful_share is not None and not (
+            isinstance(self.harmful_share, (int, float)) and 0 < self.harmful_share < 1
+        ):
+            raise ValueError(
+                f"harmful_share={self.harmful_share!r} must be a number in (0, 1): the share of the negatives that "
+                "are harmful (e.g. 0.15), or None for the task's default mixture."
+            )
         unknown = [m for m in self.methods if m not in ("u2a", "u2a-select", "dpo", *BASELINES)]
         if unknown:
             raise ValueError(
@@ -184,6 +197,21 @@ class DemoConfig:
         unknown = sorted(set(self.u2a_overrides) - set(u2a_defaults()))
         if unknown:
             raise ValueError(f"u2a_overrides has entries {unknown} that are not U2AConfig fields.")
+        for name, overrides in self.variants.items():
+            unknown = sorted(set(overrides) - set(u2a_defaults()))
+            if not name.startswith("u2a-") or unknown:
+                raise ValueError(
+                    f"variants[{name!r}] = {overrides}: a variant's name must start with 'u2a-' and its keys must be "
+                    f"U2AConfig fields; not fields: {unknown}."
+                )
+
+    def negative_kinds(self) -> dict[str, float] | None:
+        """The mixture of negative kinds of the task (`make_u2a_task(kinds=...)`): `harmful_share` harmful, the rest
+        split 3:2 between low_quality and near_copy as in the default mixture; None for the default mixture."""
+        if self.harmful_share is None:
+            return None
+        rest = 1.0 - self.harmful_share
+        return {"harmful": self.harmful_share, "low_quality": 0.6 * rest, "near_copy": 0.4 * rest}
 
     def setting_learning_rates(self, setting: str) -> tuple[float, ...]:
         """The learning rates of `setting` ("full": `learning_rates`, "lora": `lora_learning_rates`)."""
@@ -213,6 +241,7 @@ class DemoConfig:
             for b in self.extra_budgets:
                 if b != self.u2a_value("budget"):
                     variants[f"u2a-b{b:g}"] = {"budget": b}
+            variants.update(self.variants)
         return variants
 
     def start_model_settings(self, seed: int) -> dict[str, Any]:

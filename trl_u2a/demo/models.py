@@ -28,9 +28,10 @@ class MemorisedStartModelError(ValueError):
 
 
 def load_task(seed: int, config: DemoConfig):
-    """The synthetic task of `seed` (`make_training_splits`), with `test_prompts` cut to `n_test_prompts`."""
+    """The synthetic task of `seed` (`make_training_splits`, negatives mixed by `config.negative_kinds()`), with
+    `test_prompts` cut to `n_test_prompts`."""
     with quiet():
-        splits = make_training_splits(seed=seed, n_prompts=config.n_prompts)
+        splits = make_training_splits(seed=seed, n_prompts=config.n_prompts, kinds=config.negative_kinds())
         if config.n_test_prompts is not None and config.n_test_prompts < len(splits["test_prompts"]):
             splits["test_prompts"] = splits["test_prompts"].select(range(config.n_test_prompts))
     return splits

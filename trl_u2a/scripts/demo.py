@@ -4,6 +4,7 @@
 trl-u2a demo                          # reduced: 1 seed, full fine-tuning and LoRA, every core method, a few minutes
 trl-u2a demo --full                   # the comparison of docs/results.md (10 seeds, bootstrap intervals)
 trl-u2a demo --quick --output_dir x   # a smoke test in about a minute (meaningless numbers)
+trl-u2a demo --full --harmful_share 0.15  # the same comparison where 15 % of the negatives are harmful
 ```
 
 Needs the `[demo]` extra (matplotlib, alt-profanity-check): `pip install -e ".[demo]"`.
@@ -43,6 +44,12 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora_learning_rates", type=float, nargs="+", help="Learning rates of the LoRA setting.")
     parser.add_argument("--steps", type=int, help="Optimizer steps of every method.")
     parser.add_argument(
+        "--harmful_share",
+        type=float,
+        help="Share of the negatives that are harmful, in (0, 1), e.g. 0.15 for the low base rate (default: the "
+        "task's 50 %%; the rest split 3:2 between low-quality answers and near-copies).",
+    )
+    parser.add_argument(
         "--cache_dir", help="Cache of trained start models (default $TRL_U2A_CACHE or ~/.cache/trl-u2a)."
     )
     parser.add_argument("--no_plots", action="store_true", help="Skip the PNG plots.")
@@ -80,7 +87,7 @@ def cli(argv: list[str] | None = None) -> int:
     from trl_u2a.demo import DemoConfig, format_evidence, format_frontier, format_table, run_demo
 
     overrides = {"output_dir": args.output_dir, "plots": not args.no_plots, "progress": not args.no_progress}
-    for name in ("seeds", "settings", "learning_rates", "lora_learning_rates", "steps", "cache_dir"):
+    for name in ("seeds", "settings", "learning_rates", "lora_learning_rates", "steps", "cache_dir", "harmful_share"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = tuple(value) if isinstance(value, list) else value
