@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from trl import ScriptArguments, TrlParser
 
 from trl_u2a._quiet import progress_bars_off
+from trl_u2a.checks import check_model_source, check_output_dir, load_data_file, read_text_file
 from trl_u2a.config import INERT_KTO_FIELDS
 
 TINY_MODEL = "trl-u2a/tiny"
@@ -69,7 +70,7 @@ class U2AScriptArguments(ScriptArguments):
 def load_dataset_any(name: str, config: str | None = None, synthetic_seed: int = 0, flag: str = "--dataset_name"):
     """A `DatasetDict` from a hub id, a local data file (.json/.jsonl/.csv/.parquet), a `save_to_disk` directory, or
     the built-in synthetic task. A hub id that cannot be reached fails in seconds, in one line (`flag` names it)."""
-    from datasets import DatasetDict, load_dataset, load_from_disk
+    from datasets import DatasetDict, load_from_disk
 
     if name == SYNTHETIC_DATASET:
         from trl_u2a.synthetic import make_training_splits
@@ -80,10 +81,11 @@ def load_dataset_any(name: str, config: str | None = None, synthetic_seed: int =
     ):
         loaded = load_from_disk(name)
         return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
-    extension = os.path.splitext(name)[1].lstrip(".")
-    if os.path.isfile(name) and extension in ("json", "jsonl", "csv", "parquet"):
-        builder = "json" if extension == "jsonl" else extension
-        return load_dataset(builder, data_files={"train": name})
+    extension = os.path.splitext(name)[1].lstrip(".").lower()
+    if extension in ("json", "jsonl", "csv", "parquet"):
+        if not os.path.isfile(name):
+            raise FileNotFoundError(f"{flag} {name!r} looks like a local data file, but there is no such file.")
+        return load_data_file(name, flag)
     from trl_u2a.prepare_data import load_hub_dataset
 
     return load_hub_dataset(name, flag, name=config)
@@ -146,6 +148,10 @@ def main(script_args, training_args, model_args):
         model_init_kwargs.update(training_args.model_init_kwargs)
     training_args.model_init_kwargs = {k: v for k, v in model_init_kwargs.items() if v is not None}
 
+    # Before anything is loaded or written: a typo or an earlier run in the way should cost seconds
+    check_output_dir(training_args.output_dir, training_args.resume_from_checkpoint, training_args.overwrite_output_dir)
+    if model_args.model_name_or_path != TINY_MODEL:
+        check_model_source(model_args.model_name_or_path, "--model_name_or_path")
     if not script_args.dataset_name:
         raise ValueError("--dataset_name is required (a hub id, a local file or directory, or trl-u2a/synthetic).")
     dataset = load_dataset_any(script_args.dataset_name, script_args.dataset_config, script_args.synthetic_seed)
@@ -222,8 +228,7 @@ class U2AParser(TrlParser):
         problems = []
         if "--config" in args[:-1]:
             path = args[args.index("--config") + 1]
-            with open(path) as f:
-                config = yaml.safe_load(f)
+            config = yaml.safe_load(read_text_file(path, "--config"))
             if isinstance(config, dict):  # anything else gets TrlParser's own error
                 dests = {a.dest for a in self._actions if a.option_strings} | {"env"}
                 unknown = [str(key) for key in config if key not in dests]
