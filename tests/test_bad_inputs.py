@@ -69,11 +69,15 @@ def test_trainer_train_refuses_to_overwrite_an_earlier_model(tiny_model_path, tm
     U2ATrainer(model=tiny_model_path, args=overwrite, train_dataset=_negatives()).train()
 
 
-def test_output_dir_that_is_a_file_is_refused(tmp_path):
+def test_output_dir_that_is_a_file_is_refused(tiny_model_path, tmp_path):
     path = tmp_path / "out"
     path.write_text("x")
     with pytest.raises(NotADirectoryError, match=f"output_dir '{path}' is an existing file; expected a directory"):
         check_output_dir(str(path))
+    with pytest.raises(NotADirectoryError, match=f"--output_dir '{path}' is an existing file"):
+        check_prepare_output_dir(str(path), "u2a_prepare_data.json")
+    with pytest.raises(NotADirectoryError, match=f"output_dir '{path}' is an existing file"):
+        U2ATrainer(model=tiny_model_path, args=cpu_args(path), train_dataset=_negatives())
 
 
 def test_prepare_data_refuses_a_folder_that_is_not_its_own_output(tmp_path):

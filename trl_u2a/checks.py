@@ -28,17 +28,21 @@ _LONE_SURROGATE = re.compile(
 )
 
 
+def check_not_a_file(output_dir: str, name: str) -> None:
+    """An output folder that exists as a file (a typo, or the model file itself) cannot hold a run."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise NotADirectoryError(
+            f"{name} {output_dir!r} is an existing file; expected a directory (new, or the run's)."
+        )
+
+
 def check_output_dir(output_dir: str, resume_from_checkpoint=None, overwrite_output_dir: bool = False) -> None:
     """Refuse a training run into a folder that already holds a run (a complete checkpoint) or a saved model, unless
     it resumes or `overwrite_output_dir` is set: the new run would overwrite the model, card and traces and, under
     `save_total_limit`, delete the earlier run's checkpoints."""
     from .safe_state import last_complete_checkpoint
 
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise NotADirectoryError(
-            f"output_dir {output_dir!r} is an existing file; expected a directory (a new one, or the folder of the "
-            "run to resume)."
-        )
+    check_not_a_file(output_dir, "output_dir")
     # The words a command line passes for "no resume" (as `U2ATrainer.train` reads them)
     resuming = resume_from_checkpoint not in (None, False) and str(resume_from_checkpoint).strip().lower() not in (
         "false",
@@ -62,8 +66,7 @@ def check_output_dir(output_dir: str, resume_from_checkpoint=None, overwrite_out
 
 def check_prepare_output_dir(output_dir: str, manifest: str) -> None:
     """`prepare-data` writes only into a new or empty folder, or over its own earlier output (which has `manifest`)."""
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise NotADirectoryError(f"--output_dir {output_dir!r} is an existing file; expected a directory.")
+    check_not_a_file(output_dir, "--output_dir")
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not os.path.isfile(os.path.join(output_dir, manifest)):
         raise ValueError(
             f"--output_dir {output_dir!r} is not empty and holds no earlier prepare-data output (no {manifest}); the "

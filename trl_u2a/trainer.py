@@ -35,7 +35,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from . import data as u2a_data
-from .checks import check_causal_lm, check_model_source, check_output_dir
+from .checks import check_causal_lm, check_model_source, check_not_a_file, check_output_dir
 from .config import U2AConfig
 from .core.losses import completion_logps, kl_to_reference, nll_loss, unlearning_loss
 from .core.modeling import _is_bnb_4bit as is_bnb_4bit
@@ -185,6 +185,7 @@ class U2ATrainer(KTOTrainer):
         if train_dataset is None:
             raise ValueError("train_dataset is required: the negatives to unlearn.")
         apply_ddp_timeout(args)
+        check_not_a_file(args.output_dir, "output_dir")
         if isinstance(model, str):
             check_model_source(model)
         check_causal_lm(model)
