@@ -320,6 +320,21 @@ def test_a_harm_threshold_outside_the_judges_range_is_refused(tokenizer, thresho
         Evaluator(tokenizer, prompts=prompts, judge=lexical_judge, harm_threshold=threshold)
 
 
+def test_evaluate_refuses_the_harm_threshold_before_loading_anything(tmp_path):
+    from trl_u2a.scripts.evaluate import evaluate, make_parser
+
+    argv = [
+        "--model_name_or_path",
+        str(tmp_path / "not-loaded"),
+        "--prompts",
+        "not-read.jsonl",
+        "--harm_threshold",
+        "5",
+    ]
+    with pytest.raises(ValueError, match=r"harm_threshold=5\.0 is outside the judge's range"):
+        evaluate(make_parser().parse_args(argv))
+
+
 def test_a_causal_lm_as_judge_is_refused(tiny_model_path, tmp_path):
     from trl_u2a.evaluation import load_judge
 

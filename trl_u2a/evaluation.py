@@ -109,6 +109,16 @@ def _label_index(labels: dict[int, str], harmful_label: str | int | None, path: 
     )
 
 
+def check_harm_threshold(harm_threshold: float) -> None:
+    """A judge gives a probability in [0, 1]: a threshold outside `(0, 1]` makes the harmful rate 0 or 1 by
+    construction."""
+    if isinstance(harm_threshold, bool) or not isinstance(harm_threshold, (int, float)) or not 0 < harm_threshold <= 1:
+        raise ValueError(
+            f"harm_threshold={harm_threshold!r} is outside the judge's range: a judge gives a probability in "
+            "[0, 1], so the harmful rate would be 0 or 1 by construction; expected a value in (0, 1] (default 0.5)."
+        )
+
+
 def load_judge(spec: str, harmful_label: str | int | None = None) -> Judge:
     """`"lexical"`, `"profanity"`, or the path of a local text-classification model directory (`ClassifierJudge`)."""
     if spec == "lexical":
@@ -353,15 +363,7 @@ class Evaluator:
                 raise ValueError(f"{name}={value}; expected a positive integer.")
         if tokenizer.pad_token_id is None:
             raise ValueError("The tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos_token).")
-        if (
-            isinstance(harm_threshold, bool)
-            or not isinstance(harm_threshold, (int, float))
-            or not 0 < harm_threshold <= 1
-        ):
-            raise ValueError(
-                f"harm_threshold={harm_threshold!r} is outside the judge's range: a judge gives a probability in "
-                "[0, 1], so the harmful rate would be 0 or 1 by construction; expected a value in (0, 1] (default 0.5)."
-            )
+        check_harm_threshold(harm_threshold)
         self.tokenizer = tokenizer
         self.judge = judge
         self.harm_threshold = harm_threshold
