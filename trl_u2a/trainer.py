@@ -235,7 +235,8 @@ class U2ATrainer(KTOTrainer):
         initial[negative_ids[is_negative]] = torch.tensor(self.train_dataset["weight"], dtype=torch.float64)[
             is_negative
         ]
-        if self.num_negatives and not bool((initial > 0).any()):
+        # Before the refresh controller exists: it would divide by the number of selectable negatives
+        if not bool((initial > 0).any()):
             raise ValueError("Every negative has weight 0 in the 'weight' column: there is nothing to unlearn.")
         self.weight_state = WeightState.from_initial(initial)
         self.negative_rows = torch.nonzero(is_negative).flatten()[torch.argsort(negative_ids[is_negative])]
@@ -528,7 +529,8 @@ class U2ATrainer(KTOTrainer):
         checkpoint of `output_dir` whose files were all written (a run killed while saving leaves a partial one).
 
         The strings `"true"` and `"last"` (any case; what a command line or YAML file passes) mean True, and
-        `"false"`/`"none"` mean None, unless a directory of that name exists.
+        `"false"`/`"none"` mean None, unless a directory of that name exists. A fresh run into an `output_dir` that
+        holds a complete checkpoint or a saved model is refused unless `args.overwrite_output_dir` is set.
         """
         check_output_dir(self.args.output_dir, resume_from_checkpoint, self.args.overwrite_output_dir)
         if isinstance(resume_from_checkpoint, str) and not os.path.isdir(resume_from_checkpoint):
