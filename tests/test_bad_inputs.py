@@ -110,6 +110,18 @@ def test_a_sequence_classification_model_is_refused(tmp_path):
         check_causal_lm(model)
 
 
+def test_score_refuses_a_classifier_and_a_bad_config_before_loading(tmp_path):
+    from trl_u2a.scripts.score import cli
+
+    _save_classifier(tmp_path / "rm")
+    argv = ["--model_name_or_path", str(tmp_path / "rm"), "--dataset_name", "trl-u2a/synthetic"]
+    with pytest.raises(ValueError, match=r"--model_name_or_path '.*rm' is a LlamaForSequenceClassification"):
+        cli([*argv, "--output", str(tmp_path / "scores.jsonl")])
+    (tmp_path / "score.yaml").write_bytes(b"\x00\xff")
+    with pytest.raises(ValueError, match=r"--config '.*score\.yaml' is not UTF-8 text"):
+        cli(["--config", str(tmp_path / "score.yaml")])
+
+
 def test_a_model_path_typo_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"model_name_or_path './no-such-model': no such directory"):
         check_model_source("./no-such-model")

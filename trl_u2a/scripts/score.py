@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import dataclass, field
 
-from trl_u2a.scripts.u2a import U2AScriptArguments
+from trl_u2a.scripts.u2a import TINY_MODEL, U2AScriptArguments
 
 
 @dataclass
@@ -66,6 +67,7 @@ def main(script_args: ScoreArguments, model_args) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import get_peft_config, get_quantization_config
 
+    from trl_u2a.checks import check_causal_lm, check_model_source
     from trl_u2a.scoring import score_negatives
     from trl_u2a.scripts.u2a import load_dataset_any, resolve_model
 
@@ -85,6 +87,10 @@ def main(script_args: ScoreArguments, model_args) -> str:
         if split not in splits:
             raise ValueError(f"{name}={split!r} is not a split of the dataset; it has {sorted(splits)}.")
 
+    if model_args.model_name_or_path != TINY_MODEL:
+        check_model_source(model_args.model_name_or_path, "--model_name_or_path")
+        # AutoModelForCausalLM loads a classifier's body under a random LM head without a word
+        check_causal_lm(model_args.model_name_or_path, "--model_name_or_path")
     path = resolve_model(model_args.model_name_or_path, script_args.output_dir)
     dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "float32"
     model = AutoModelForCausalLM.from_pretrained(
@@ -136,6 +142,11 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
 
 
 def cli(argv: list[str] | None = None) -> str:
+    from trl_u2a.checks import read_text_file
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in argv[:-1]:
+        read_text_file(argv[argv.index("--config") + 1], "--config")  # TrlParser's own error names no file
     script_args, model_args = make_parser(prog="trl-u2a score").parse_args_and_config(args=argv)
     return main(script_args, model_args)
 
