@@ -158,6 +158,8 @@ def test_a_missing_data_file_is_named(tmp_path):
 
     with pytest.raises(FileNotFoundError, match=r"--dataset_name '\./nope\.jsonl' looks like a local data file, but"):
         load_dataset_any("./nope.jsonl")
+    with pytest.raises(FileNotFoundError, match=r"--alignment_dataset_name '\./data/pku': no such file or directory"):
+        load_dataset_any("./data/pku", flag="--alignment_dataset_name")
     with pytest.raises(FileNotFoundError, match=r"--dataset '\./nope\.jsonl' looks like a local data file, but"):
         load_source("./nope.jsonl")
 

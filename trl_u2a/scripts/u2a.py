@@ -86,6 +86,9 @@ def load_dataset_any(name: str, config: str | None = None, synthetic_seed: int =
         if not os.path.isfile(name):
             raise FileNotFoundError(f"{flag} {name!r} looks like a local data file, but there is no such file.")
         return load_data_file(name, flag)
+    if name.startswith((".", "/", "~")) and not os.path.exists(name):
+        # A path, not a hub id: the hub's "not a local path and cannot be loaded from the Hub" would mislead
+        raise FileNotFoundError(f"{flag} {name!r}: no such file or directory.")
     from trl_u2a.prepare_data import load_hub_dataset
 
     return load_hub_dataset(name, flag, name=config)
