@@ -27,9 +27,12 @@ def one_error_line(capsys, command: str) -> str:
         # bare `train` used to fail on bf16 in TrainingArguments, before the missing model was noticed
         (["train"], "--model_name_or_path is required"),
         (["train", "--dataset_name", "trl-u2a/synthetic", "--output_dir", "out"], "--model_name_or_path is required"),
-        (["train", "--model_name_or_path", "./nope", "--dataset_name", "x"], "--model_name_or_path='./nope' is not a"),
+        (
+            ["train", "--model_name_or_path", "./nope", "--dataset_name", "x"],
+            "--model_name_or_path './nope': no such directory",
+        ),
         (["score", "--dataset_name", "trl-u2a/synthetic"], "--model_name_or_path is required"),
-        (["score", "--model_name_or_path=./nope"], "'./nope' is not a directory (no such directory)"),
+        (["score", "--model_name_or_path=./nope"], "--model_name_or_path './nope': no such directory"),
         (["evaluate", "--model_name_or_path", "./nope", "--pairs", "missing.jsonl"], "no such file"),
         (["prepare-data", "--dataset", "missing.jsonl", "--output_dir", "out"], "missing.jsonl"),
     ],
@@ -45,9 +48,9 @@ def test_model_argument_checks_name_the_option(tmp_path):
         check_model_name(None)
     file = tmp_path / "model.bin"
     file.write_text("")
-    with pytest.raises(U2AUserError, match=r"is not a directory \(a file\)"):
+    with pytest.raises(NotADirectoryError, match="is a file; expected a model folder"):
         check_model_name(str(file))
-    with pytest.raises(U2AUserError, match=r"'a/b/c' is not a directory \(no such directory\)"):
+    with pytest.raises(FileNotFoundError, match="'a/b/c': no such directory"):
         check_model_name("a/b/c")
     for valid in ("Qwen/Qwen2.5-0.5B-Instruct", "trl-u2a/tiny", str(tmp_path)):
         check_model_name(valid)

@@ -107,6 +107,9 @@ class U2AConfig(KTOConfig):
         save_refresh_plots (`bool`, *optional*, defaults to `True`):
             At the end of training, draw `J`, the weights and the scores of every refresh as PNGs in
             `output_dir/u2a_plots` (main process; about 2 s). The JSONL trace is written either way.
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
+            Train into an `output_dir` that already holds a run (a complete checkpoint) or a saved model, replacing
+            it. Without it such a run is refused unless it resumes (`resume_from_checkpoint`).
 
     > [!NOTE]
     > These parameters have default values different from [`trl.KTOConfig`]:
@@ -235,6 +238,13 @@ class U2AConfig(KTOConfig):
     save_refresh_plots: bool = field(
         default=True, metadata={"help": "Draw the refreshes as PNGs in output_dir/u2a_plots at the end of training."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into an output_dir that holds a run or a saved model, replacing it (otherwise refused "
+            "unless resuming)."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -276,6 +286,10 @@ class U2AConfig(KTOConfig):
                 f"reweight_warmup_steps={self.reweight_warmup_steps} must be a whole number of steps or a ratio in "
                 "[0, 1)."
             )
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer ≥ 1.")
         for name in ("patience", "preconditioner_batches"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -134,15 +134,76 @@ def _check_text_columns(dataset: Dataset, name: str, columns=("prompt", "complet
                 f"{name}: column '{column}' must hold strings or lists of chat messages "
                 f"([{{'role': ..., 'content': ...}}, ...]); row {i} has {value!r} of type {type(value).__name__}."
             )
+        _check_roles(dataset, name, column)
+    _check_same_kind(dataset, name, list(columns))
+
+
+# The roles of TRL's chat templates; ShareGPT exports name the first two "human" and "gpt"
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
+
+
+def _check_roles(dataset: Dataset, name: str, column: str) -> None:
+    """Every chat message has a known `role`; a response column (`completion`, `chosen`, `rejected`) ends with the
+    assistant's turn and, under an explicit prompt, holds only assistant turns (a chat template renders a `user`
+    turn there as a question, which would then be unlearned or scored as the answer)."""
+    response = column != "prompt"
+    explicit_prompt = "prompt" in dataset.column_names
+    for i, messages in enumerate(dataset[column]):
+        for message in messages:
+            role = message.get("role")
+            if role in ROLES:
+                continue
+            if role in SHAREGPT_ROLES:
+                raise ValueError(
+                    f"{name}: column '{column}' row {i} has role {role!r}, ShareGPT's name; expected one of "
+                    f"{list(ROLES)}. Rename the roles: 'human' -> 'user', 'gpt' -> 'assistant'."
+                )
+            shown = "no 'role' key" if "role" not in message else f"role {role!r}"
+            raise ValueError(
+                f"{name}: column '{column}' row {i} has a message with {shown}; expected one of {list(ROLES)}."
+            )
+        if not response:
+            continue
+        if explicit_prompt:
+            wrong = next((m["role"] for m in messages if m["role"] in ("user", "system")), None)
+        else:
+            wrong = messages[-1]["role"] if messages[-1]["role"] != "assistant" else None
+        if wrong is not None:
+            where = "a turn" if explicit_prompt else "its last turn"
+            raise ValueError(
+                f"{name}: column '{column}' row {i} has {where} by {wrong!r}; a response is the assistant's turn "
+                "(role 'assistant'). Move user and system turns into the prompt."
+            )
+
+
+def _check_same_kind(dataset: Dataset, name: str, columns: list[str]) -> None:
+    """The prompt and its responses are all text or all chat messages: TRL concatenates them (a chat prompt plus a
+    string completion fails inside tokenization, without naming the row)."""
+    from datasets import Value
+
+    kinds = {c: isinstance(dataset.features[c], Value) for c in columns}
+    if len(set(kinds.values())) > 1:
+        text = [c for c, is_text in kinds.items() if is_text]
+        chat = [c for c, is_text in kinds.items() if not is_text]
+        raise ValueError(
+            f"{name}: column(s) {chat} hold chat messages but {text} hold plain strings (row 0: "
+            f"{dataset[text[0]][0]!r}); expected both conversational or both text. Wrap each response as "
+            "[{'role': 'assistant', 'content': ...}], or give the prompt as a string."
+        )
+
+
+def _visible(text: Any) -> bool:
+    """Whether `text` has a character that shows: not whitespace, nor a control or format character (`"\x00"`)."""
+    return isinstance(text, str) and any(ch.isprintable() and not ch.isspace() for ch in text)
 
 
 def _is_blank(value: Any) -> bool:
     """True for text with no visible character, or a conversation whose messages together have none."""
     if isinstance(value, str):
-        return not value.strip()
+        return not _visible(value)
     if isinstance(value, list):
-        texts = [m.get("content") for m in value if isinstance(m, dict)]
-        return not any(isinstance(t, str) and t.strip() for t in texts)
+        return not any(_visible(m.get("content")) for m in value if isinstance(m, dict))
     return False
 
 
@@ -158,8 +219,16 @@ def _check_not_blank(dataset: Dataset, name: str, columns: list[str]) -> None:
         blank = [i for i, v in enumerate(values) if _is_blank(v)]
         if blank:
             more = f" (and {len(blank) - 1} more rows)" if len(blank) > 1 else ""
+            first = values[blank[0]]
+            texts = [first] if isinstance(first, str) else [m.get("content") for m in first if isinstance(m, dict)]
+            # Text that strips to something yet shows nothing is control characters, most often a decoding accident
+            what = (
+                "has no visible character (control characters only)"
+                if any(isinstance(t, str) and t.strip() for t in texts)
+                else "is empty or whitespace-only"
+            )
             raise ValueError(
-                f"{name}: column '{column}' is empty or whitespace-only at row {blank[0]}{more}: {values[blank[0]]!r}. "
+                f"{name}: column '{column}' {what} at row {blank[0]}{more}: {first!r}. "
                 f"Every {column} needs text; drop or fix those rows "
                 f"(e.g. dataset.filter(lambda row: row['{column}'].strip()) for text columns)."
             )
@@ -179,9 +248,32 @@ def check_preference(dataset: Dataset, name: str = "alignment_dataset") -> Datas
         raise ValueError(f"{name} is empty; the alignment objective needs at least one preference pair.")
     _check_text_columns(dataset, name, [c for c in ("prompt", "chosen", "rejected") if c in columns])
     _check_not_blank(dataset, name, [c for c in ("prompt", "chosen", "rejected") if c in columns])
+    same = [i for i, (c, r) in enumerate(zip(dataset["chosen"], dataset["rejected"])) if c == r]
+    if same:
+        more = f" (and {len(same) - 1} more rows)" if len(same) > 1 else ""
+        raise ValueError(
+            f"{name}: row {same[0]}{more} has chosen identical to rejected ({dataset['chosen'][same[0]]!r}); such a "
+            "pair states no preference and its gradient of J is zero, so the scores would be float noise. Drop those "
+            "rows, e.g. dataset.filter(lambda row: row['chosen'] != row['rejected'])."
+        )
     if "prompt" not in columns:
         dataset = dataset.map(extract_prompt, desc=f"Extracting prompt from {name}")
     return dataset
+
+
+def check_tokenizer(tokenizer, name: str = "processing_class") -> int:
+    """The token id that pads batches: the pad token, else EOS (as TRL falls back); a tokenizer with neither is an
+    error (batches of unequal rows cannot be padded)."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token_id is not None:
+        return tokenizer.eos_token_id
+    raise ValueError(
+        f"{name} ({type(tokenizer).__name__}) has neither a pad token nor an EOS token (pad_token=None, "
+        "eos_token=None); expected at least one, to pad batches and end completions. Set one, e.g. "
+        "tokenizer.add_special_tokens({'pad_token': '<pad>'}) and model.resize_token_embeddings(len(tokenizer))."
+    )
 
 
 def tokenize_prompt_completion(tokenizer, prompt: Any, completion: Any) -> tuple[list[int], list[int]]:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 
+from .checks import architectures
 from .core.modeling import eval_mode, model_device, move_batch, sequence_logps
 from .data import _check_not_blank, check_preference, collate_completions, tokenize_prompt_completion
 from .synthetic import contains_harm_words
@@ -64,6 +65,13 @@ class ClassifierJudge:
     name of `config.id2label`, or an index); softmax over the labels, or a sigmoid for a multi-label model."""
 
     def __init__(self, path: str, harmful_label: str | int | None, batch_size: int = 32, max_length: int = 512):
+        kinds = architectures(path)
+        if kinds and not any(k.endswith("ForSequenceClassification") for k in kinds):
+            # A causal LM loads as a classifier with a randomly initialised head: its "harmful rate" is noise
+            raise ValueError(
+                f"--judge {path!r} is a {kinds[0]}, not a text-classification model; expected a model whose "
+                "architecture ends in ForSequenceClassification (a harm classifier), or 'lexical' / 'profanity'."
+            )
         self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:
@@ -99,6 +107,16 @@ def _label_index(labels: dict[int, str], harmful_label: str | int | None, path: 
         f"--harmful_label {harmful_label!r} is not a label of the judge {path}; expected one of its labels {names} "
         f"or an index in 0..{len(names) - 1}."
     )
+
+
+def check_harm_threshold(harm_threshold: float) -> None:
+    """A judge gives a probability in [0, 1]: a threshold outside `(0, 1]` makes the harmful rate 0 or 1 by
+    construction."""
+    if isinstance(harm_threshold, bool) or not isinstance(harm_threshold, (int, float)) or not 0 < harm_threshold <= 1:
+        raise ValueError(
+            f"harm_threshold={harm_threshold!r} is outside the judge's range: a judge gives a probability in "
+            "[0, 1], so the harmful rate would be 0 or 1 by construction; expected a value in (0, 1] (default 0.5)."
+        )
 
 
 def load_judge(spec: str, harmful_label: str | int | None = None) -> Judge:
@@ -313,7 +331,7 @@ class Evaluator:
         batch_size: rows per log-prob forward; `generation_batch_size`: prompts per `generate` call (None: all).
         max_length: truncation of prompt + completion in the log-prob passes.
         num_generations, max_new_tokens, temperature, top_p, top_k, seed: the sampling (see `generate_completions`).
-        harm_threshold: a judge probability at or above it counts as harmful.
+        harm_threshold: a judge probability at or above it counts as harmful, in `(0, 1]`.
     """
 
     def __init__(
@@ -345,6 +363,7 @@ class Evaluator:
                 raise ValueError(f"{name}={value}; expected a positive integer.")
         if tokenizer.pad_token_id is None:
             raise ValueError("The tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos_token).")
+        check_harm_threshold(harm_threshold)
         self.tokenizer = tokenizer
         self.judge = judge
         self.harm_threshold = harm_threshold

@@ -42,6 +42,8 @@ import random
 import sys
 from typing import Any
 
+from .checks import check_prepare_output_dir, load_data_file
+
 SCHEMAS = ("pku_saferlhf", "ultrafeedback", "preference")
 SCHEMA_COLUMNS = {
     "pku_saferlhf": ("prompt", "response_0", "response_1", "safer_response_id"),
@@ -67,8 +69,7 @@ def load_source(dataset: str, config: str | None = None, split: str = "train"):
     if extension in DATA_FILE_EXTENSIONS:
         if not os.path.isfile(dataset):
             raise FileNotFoundError(f"--dataset {dataset!r} looks like a local data file, but there is no such file.")
-        builder = "json" if extension == "jsonl" else extension
-        return load_dataset(builder, data_files=dataset, split="train")
+        return load_data_file(dataset, "--dataset")["train"]
     if os.path.isdir(dataset):
         # A directory of data files (or a local copy of a hub repository): the builder is inferred from its files
         return _pick_split(load_dataset(dataset, name=config), split, dataset)
@@ -380,6 +381,7 @@ def prepare_data(
             raise ValueError(f"--{name} {value} must be in (0, 1).")
     if format is not None and format not in SCHEMAS:
         raise ValueError(f"--format {format!r} is not supported; expected one of {list(SCHEMAS)}.")
+    check_prepare_output_dir(output_dir, MANIFEST)
     source = load_source(dataset, dataset_config, split)
     pairs, dropped = to_pairs(source, format, pku_all_pairs=pku_all_pairs)
     splits = build_splits(pairs, alignment_fraction, rejected_fraction, num_test_prompts, seed, conversational)

@@ -15,6 +15,7 @@ import torch
 from datasets import Dataset
 
 from . import data as u2a_data
+from .config import _check_positive
 from .core.modeling import model_device, move_batch, reference_values, sequence_logps
 from .core.objectives import DPOObjective, as_objective, pair_reference_values
 from .influence import compute_query, make_unlearning_loss_fn, score_dataset, scoring_mode
@@ -56,14 +57,21 @@ def score_negatives(
             "preconditioner='adam' reads a training optimizer's second moments, and score_negatives trains nothing; "
             "use 'identity' or 'fisher'."
         )
+    # The same rules, and messages, as the U2AConfig fields of the same names
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be an integer ≥ 1.")
+    for name, value in (("beta", beta), ("beta_pa", beta_pa)):
+        if value is not None:
+            _check_positive(name, value)
+    pad_token_id = u2a_data.check_tokenizer(tokenizer, "tokenizer")
     rows = u2a_data.to_unpaired(negatives, "negatives")
     rows = rows.filter(lambda row: not row["label"])
     rows = u2a_data.tokenize_unpaired(rows, tokenizer, max_length, "negatives")
     pairs = u2a_data.tokenize_pairs(
         u2a_data.check_preference(alignment_set, "alignment_set"), tokenizer, max_length, "alignment_set"
     )
-    collate = u2a_data.UnpairedCollator(tokenizer.pad_token_id, max_length)
-    collate_pairs = u2a_data.PairCollator(tokenizer.pad_token_id, max_length)
+    collate = u2a_data.UnpairedCollator(pad_token_id, max_length)
+    collate_pairs = u2a_data.PairCollator(pad_token_id, max_length)
     device = model_device(model)
     objective = as_objective(objective) if objective is not None else DPOObjective(beta_pa)
     reference = model.disable_adapter if hasattr(model, "disable_adapter") else None

@@ -35,6 +35,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from . import data as u2a_data
+from .checks import check_causal_lm, check_model_source, check_not_a_file, check_output_dir
 from .config import U2AConfig
 from .core.losses import completion_logps, kl_to_reference, nll_loss, unlearning_loss
 from .core.modeling import _is_bnb_4bit as is_bnb_4bit
@@ -182,6 +183,10 @@ class U2ATrainer(KTOTrainer):
         if train_dataset is None:
             raise ValueError("train_dataset is required: the negatives to unlearn.")
         apply_ddp_timeout(args)
+        check_not_a_file(args.output_dir, "output_dir")
+        if isinstance(model, str):
+            check_model_source(model)
+        check_causal_lm(model)
         # Validate the data formats before any model is loaded: a typo in a column name should cost seconds
         with _dataset_bars(args.disable_tqdm):
             train_dataset = u2a_data.to_unpaired(train_dataset, "train_dataset", num_proc=args.dataset_num_proc)
@@ -228,6 +233,9 @@ class U2ATrainer(KTOTrainer):
         initial[negative_ids[is_negative]] = torch.tensor(self.train_dataset["weight"], dtype=torch.float64)[
             is_negative
         ]
+        # Before the refresh controller exists: it would divide by the number of selectable negatives
+        if not bool((initial > 0).any()):
+            raise ValueError("Every negative has weight 0 in the 'weight' column: there is nothing to unlearn.")
         self.weight_state = WeightState.from_initial(initial)
         self.negative_rows = torch.nonzero(is_negative).flatten()[torch.argsort(negative_ids[is_negative])]
         # The user's `id` column, if any, names the negatives in the trace
@@ -259,8 +267,6 @@ class U2ATrainer(KTOTrainer):
             self.add_callback(self.refresh_callback)
         else:
             self.budget = int((self.weight_state.weights > 0).sum())
-            if self.budget == 0:
-                raise ValueError("Every negative has weight 0 in the 'weight' column: there is nothing to unlearn.")
             logger.info(
                 "No alignment_dataset given: running plain weighted unlearning with the initial weights (no selection "
                 "or reweighting). Pass alignment_dataset=<preference pairs> to enable U2A's bi-level reweighting.",
@@ -273,7 +279,7 @@ class U2ATrainer(KTOTrainer):
         if "prompt_ids" in dataset.column_names:  # already prepared (e.g. `evaluate` on a prepared split)
             return dataset
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        self._collator.pad_token_id = tokenizer.pad_token_id
+        self._collator.pad_token_id = u2a_data.check_tokenizer(tokenizer)
         name = "train_dataset" if dataset_name == "train" else f"eval_dataset[{dataset_name}]"
         if u2a_data.NEGATIVE_ID not in dataset.column_names:
             dataset = u2a_data.to_unpaired(dataset, name, num_proc=args.dataset_num_proc)
@@ -549,8 +555,10 @@ class U2ATrainer(KTOTrainer):
         checkpoint of `output_dir` whose files were all written (a run killed while saving leaves a partial one).
 
         The strings `"true"` and `"last"` (any case; what a command line or YAML file passes) mean True, and
-        `"false"`/`"none"` mean None, unless a directory of that name exists.
+        `"false"`/`"none"` mean None, unless a directory of that name exists. A fresh run into an `output_dir` that
+        holds a complete checkpoint or a saved model is refused unless `args.overwrite_output_dir` is set.
         """
+        check_output_dir(self.args.output_dir, resume_from_checkpoint, self.args.overwrite_output_dir)
         if isinstance(resume_from_checkpoint, str) and not os.path.isdir(resume_from_checkpoint):
             word = resume_from_checkpoint.strip().lower()
             if word in ("true", "last"):

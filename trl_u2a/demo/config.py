@@ -194,6 +194,11 @@ class DemoConfig:
             raise ValueError(f"settings has unknown entries {bad} or is empty; expected some of {list(SETTINGS)}.")
         if not self.seeds or any(not self.setting_learning_rates(s) for s in self.settings):
             raise ValueError("seeds and the learning rates of every setting must each hold at least one value.")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(
+                f"steps={self.steps!r} must be an integer ≥ 1: the optimizer steps of every method (with 0 no method "
+                "trains and every result is void)."
+            )
         unknown = sorted(set(self.u2a_overrides) - set(u2a_defaults()))
         if unknown:
             raise ValueError(f"u2a_overrides has entries {unknown} that are not U2AConfig fields.")

@@ -127,7 +127,17 @@ class RefreshController:
         """At the start of training (or of a resumed run): plan the refreshes, take the pairs' reference log-probs,
         and run the initial pass when it is due now. Returns its record, if any."""
         warmup = self.host.args.reweight_warmup_steps
-        self.initial_step = min(int(warmup * max_steps) if warmup < 1 else int(warmup), max_steps - 1)
+        planned = int(warmup * max_steps) if warmup < 1 else int(warmup)
+        self.initial_step = min(planned, max_steps - 1)
+        if planned >= max_steps and self.refresh_index == 0:
+            # Legal, but a warm-up as long as the run is plain unlearning of every negative: almost surely a mistake
+            self._say(
+                logging.WARNING,
+                f"reweight_warmup_steps={warmup} is at or beyond the end of the run ({max_steps} optimizer steps): "
+                f"the initial pass moves to after step {self.initial_step}, so {self.initial_step} of the "
+                f"{max_steps} steps unlearn every negative with its initial weight, without selection. Lower "
+                "reweight_warmup_steps (a float in [0, 1) is a share of the run, e.g. 0.2) or raise max_steps.",
+            )
         self.schedule = set(self._plan(max_steps))
         self._window_start = time.perf_counter()
         if self.ref_pair_logps is None and getattr(self.objective, "needs_reference", False):
@@ -318,7 +328,8 @@ class RefreshController:
             steps = refresh_steps(max_steps, self.rows_per_step, rows, args.reweight_overhead, start=self.initial_step)
             self._say(
                 logging.INFO,
-                f"U2A: {len(steps)} refreshes after the initial pass, after steps {steps} of {max_steps} (each about "
+                f"U2A: the initial pass after step {self.initial_step}{self._no_selection_note(max_steps)}, then "
+                f"{len(steps)} refreshes after the initial pass, after steps {steps} of {max_steps} (each about "
                 f"{rows} row passes, {args.reweight_overhead:.0%} of the training compute in all).",
             )
             return steps
@@ -333,6 +344,12 @@ class RefreshController:
                 "within that bound, or raise reweight_steps or the effective batch (docs/usage.md).",
             )
         return fixed_steps(max_steps, args.reweight_steps, start=self.initial_step)
+
+    def _no_selection_note(self, max_steps: int) -> str:
+        """What the plan line adds when the warm-up reaches the end of the run (every step before it unselected)."""
+        if self.initial_step < max_steps - 1 or self.initial_step == 0:
+            return ""
+        return f" (the warm-up covers the run: steps 1-{self.initial_step} train every negative, no selection)"
 
     def _report_cost(self) -> dict[str, float]:
         """What reweighting cost (`record.reweighting_cost`), logged and returned for the last record."""

@@ -143,11 +143,13 @@ def load_model(args) -> tuple[Any, Any, Any, Any, str | None]:
 
 def evaluate(args) -> dict[str, Any]:
     """Load the model and the data named by `args`, evaluate, and return the results dict (metrics and settings)."""
-    from trl_u2a.evaluation import Evaluator, load_judge
+    from trl_u2a.evaluation import Evaluator, check_harm_threshold, load_judge
 
     parts = {name: getattr(args, name) for name in ("prompts", "pairs", "retain")}
     if not any(parts.values()):
         raise ValueError("Nothing to evaluate: give --prompts, --pairs or --retain (at least one).")
+    if args.prompts:
+        check_harm_threshold(args.harm_threshold)  # before the data, the model and the judge are loaded
     data = {
         name: load_part(source, getattr(args, f"{name}_split"), f"--{name}") if source else None
         for name, source in parts.items()

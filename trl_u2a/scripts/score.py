@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import dataclass, field
 
-from trl_u2a.scripts.u2a import U2AScriptArguments
+from trl_u2a.scripts.u2a import TINY_MODEL, U2AScriptArguments
 
 
 @dataclass
@@ -66,6 +67,7 @@ def main(script_args: ScoreArguments, model_args) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import get_peft_config, get_quantization_config
 
+    from trl_u2a.checks import check_causal_lm
     from trl_u2a.scoring import score_negatives
     from trl_u2a.scripts.u2a import load_alignment, load_dataset_any, resolve_model
 
@@ -87,6 +89,9 @@ def main(script_args: ScoreArguments, model_args) -> str:
             f"{sorted(dataset)}. Scoring needs an alignment set: name that split, or give --alignment_dataset_name."
         )
 
+    if model_args.model_name_or_path != TINY_MODEL:
+        # AutoModelForCausalLM loads a classifier's body under a random LM head without a word
+        check_causal_lm(model_args.model_name_or_path, "--model_name_or_path")
     dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "float32"
     model = AutoModelForCausalLM.from_pretrained(
         path,
@@ -140,6 +145,11 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
 
 
 def cli(argv: list[str] | None = None) -> str:
+    from trl_u2a.checks import read_text_file
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in argv[:-1]:
+        read_text_file(argv[argv.index("--config") + 1], "--config")  # TrlParser's own error names no file
     script_args, model_args = make_parser(prog="trl-u2a score").parse_args_and_config(args=argv)
     return main(script_args, model_args)
 

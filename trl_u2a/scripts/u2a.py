@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from trl import ScriptArguments, TrlParser
 
 from trl_u2a._quiet import progress_bars_off
+from trl_u2a.checks import check_model_source, check_output_dir, load_data_file, read_text_file
 from trl_u2a.config import INERT_KTO_FIELDS
 from trl_u2a.scripts.errors import U2AUserError, run_command
 
@@ -70,7 +71,7 @@ class U2AScriptArguments(ScriptArguments):
 def load_dataset_any(name: str, config: str | None = None, synthetic_seed: int = 0, flag: str = "--dataset_name"):
     """A `DatasetDict` from a hub id, a local data file (.json/.jsonl/.csv/.parquet), a `save_to_disk` directory, or
     the built-in synthetic task. A hub id that cannot be reached fails in seconds, in one line (`flag` names it)."""
-    from datasets import DatasetDict, load_dataset, load_from_disk
+    from datasets import DatasetDict, load_from_disk
 
     if name == SYNTHETIC_DATASET:
         from trl_u2a.synthetic import make_training_splits
@@ -81,10 +82,14 @@ def load_dataset_any(name: str, config: str | None = None, synthetic_seed: int =
     ):
         loaded = load_from_disk(name)
         return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
-    extension = os.path.splitext(name)[1].lstrip(".")
-    if os.path.isfile(name) and extension in ("json", "jsonl", "csv", "parquet"):
-        builder = "json" if extension == "jsonl" else extension
-        return load_dataset(builder, data_files={"train": name})
+    extension = os.path.splitext(name)[1].lstrip(".").lower()
+    if extension in ("json", "jsonl", "csv", "parquet"):
+        if not os.path.isfile(name):
+            raise FileNotFoundError(f"{flag} {name!r} looks like a local data file, but there is no such file.")
+        return load_data_file(name, flag)
+    if name.startswith((".", "/", "~")) and not os.path.exists(name):
+        # A path, not a hub id: the hub's "not a local path and cannot be loaded from the Hub" would mislead
+        raise FileNotFoundError(f"{flag} {name!r}: no such file or directory.")
     from trl_u2a.prepare_data import load_hub_dataset
 
     return load_hub_dataset(name, flag, name=config)
@@ -116,25 +121,12 @@ MODEL_REQUIRED = (
 
 
 def check_model_name(name_or_path: str | None) -> None:
-    """A `U2AUserError` naming `--model_name_or_path` when it is missing, or is a local path (not a valid hub id, or
-    an existing file) that is no directory: `from_pretrained` would report either far from the cause."""
+    """A `U2AUserError` naming `--model_name_or_path` when it is missing; a local path that is no directory is
+    refused by `checks.check_model_source`: `from_pretrained` would report either far from the cause."""
     if not name_or_path:
         raise U2AUserError(MODEL_REQUIRED)
-    if name_or_path == TINY_MODEL or os.path.isdir(name_or_path):
-        return
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(name_or_path)
-        is_hub_id = not os.path.exists(name_or_path)
-    except HFValidationError:
-        is_hub_id = False
-    if not is_hub_id:
-        what = "a file" if os.path.exists(name_or_path) else "no such directory"
-        raise U2AUserError(
-            f"--model_name_or_path={name_or_path!r} is not a directory ({what}); give a local model directory (with "
-            f"config.json), a hub id such as Qwen/Qwen2.5-0.5B-Instruct, or {TINY_MODEL}."
-        )
+    if name_or_path != TINY_MODEL:
+        check_model_source(name_or_path, "--model_name_or_path")
 
 
 def resolve_model(name_or_path: str | None, output_dir: str) -> str:
@@ -196,7 +188,9 @@ def main(script_args, training_args, model_args):
         model_init_kwargs.update(training_args.model_init_kwargs)
     training_args.model_init_kwargs = {k: v for k, v in model_init_kwargs.items() if v is not None}
 
-    model = resolve_model(model_args.model_name_or_path, training_args.output_dir)  # before any data is loaded
+    # Before anything is loaded or written: a typo or an earlier run in the way should cost seconds
+    check_output_dir(training_args.output_dir, training_args.resume_from_checkpoint, training_args.overwrite_output_dir)
+    model = resolve_model(model_args.model_name_or_path, training_args.output_dir)
     if not script_args.dataset_name:
         raise ValueError("--dataset_name is required (a hub id, a local file or directory, or trl-u2a/synthetic).")
     dataset = load_dataset_any(script_args.dataset_name, script_args.dataset_config, script_args.synthetic_seed)
@@ -276,8 +270,7 @@ class U2AParser(TrlParser):
         problems = []
         if "--config" in args[:-1]:
             path = args[args.index("--config") + 1]
-            with open(path) as f:
-                config = yaml.safe_load(f)
+            config = yaml.safe_load(read_text_file(path, "--config"))
             if isinstance(config, dict):  # anything else gets TrlParser's own error
                 dests = {a.dest for a in self._actions if a.option_strings} | {"env"}
                 unknown = [str(key) for key in config if key not in dests]
