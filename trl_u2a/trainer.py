@@ -36,13 +36,20 @@ from trl.trainer.utils import use_adapter
 
 from . import data as u2a_data
 from .config import U2AConfig
-from .core.losses import completion_logps, kl_to_reference, nll_loss, unlearning_loss
+from .core.losses import (
+    completion_logps,
+    kl_to_reference,
+    nll_loss,
+    unlearning_loss,
+    weight_coefficients,
+    weighted_mean,
+)
 from .core.modeling import _is_bnb_4bit as is_bnb_4bit
 from .core.objectives import AlignmentObjective
 from .core.sampler import WeightedNegativeSampler
 from .core.weighting import WeightState, weight_entropy
 from .distributed import apply_ddp_timeout, check_process_count
-from .model_card import u2a_card_section, write_model_card
+from .model_card import write_model_card
 from .refresh.sharding import Sharding
 from .safe_state import (
     STATE_JSON,
@@ -246,7 +253,6 @@ class U2ATrainer(KTOTrainer):
         self._weights = self.weight_state.weights.to(device=self.accelerator.device, dtype=torch.float32)
         self._sampler: WeightedNegativeSampler | None = None
         self._pending_sampler_state: dict | None = None
-        self._pending_callback_state: dict | None = None
 
         self.alignment_dataset = alignment_dataset
         self.refresh_callback = None
@@ -258,7 +264,7 @@ class U2ATrainer(KTOTrainer):
                 self.refresh_callback = U2ARefreshCallback(self, alignment_dataset, objective=alignment_objective)
             self.add_callback(self.refresh_callback)
         else:
-            self.budget = int((self.weight_state.weights > 0).sum())
+            self.budget = int(self.weight_state.selected.sum())
             if self.budget == 0:
                 raise ValueError("Every negative has weight 0 in the 'weight' column: there is nothing to unlearn.")
             logger.info(
@@ -410,8 +416,7 @@ class U2ATrainer(KTOTrainer):
         # all-reduce for both
         totals = torch.stack([weights.sum(), is_retain.sum().to(losses.dtype)]).detach()
         weight_total, retain_count = self.accelerator.reduce(totals, reduction="mean").unbind()
-        negative_loss = torch.where(weights > 0, weights * losses, 0.0).sum() / weight_total.clamp(min=1e-12)
-        loss = negative_loss
+        loss = weighted_mean(losses, weights, normalizer=weight_total)
 
         retain_nll = torch.where(is_retain, nll_loss(logps, lengths), 0.0)
         if self.args.retain_weight > 0:
@@ -424,7 +429,7 @@ class U2ATrainer(KTOTrainer):
 
         if mode == "train":
             # Each row's coefficient in `loss`, for in-training scores (`training_step` adds the backward's factor)
-            self._row_coefficients = weights.detach() / weight_total.clamp(min=1e-12)
+            self._row_coefficients = weight_coefficients(weights.detach(), normalizer=weight_total)
         self._log_batch_metrics(mode, losses, logps, lengths, weights, is_negative, is_retain, retain_nll)
         if return_outputs:
             return loss, {"logps": logps.detach()}
@@ -515,8 +520,7 @@ class U2ATrainer(KTOTrainer):
         if num_retain > 0:
             metrics["nll/retain"].append(nll_sum / num_retain)
         if mode == "train":
-            w = self.weight_state.weights
-            selected = w[w > 0]
+            selected = self.weight_state.weights[self.weight_state.selected]
             metrics["weights/num_selected"].append(float(len(selected)))
             metrics["weights/max"].append(float(selected.max()) if len(selected) else 0.0)
             metrics["weights/entropy"].append(weight_entropy(selected))
@@ -538,10 +542,6 @@ class U2ATrainer(KTOTrainer):
             import shutil
 
             shutil.copyfile(card, os.path.join(output_dir, "README.md"))
-
-    def u2a_model_card_section(self) -> str:
-        """Markdown: what U2A unlearned and how (appended to the model card)."""
-        return u2a_card_section(self)
 
     # ------------------------------------------------------------ checkpoint
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):

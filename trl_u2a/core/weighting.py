@@ -181,11 +181,6 @@ class WeightState:
             )
         self.weights, self.scores, self.refresh = loaded.weights, loaded.scores, loaded.refresh
 
-    @classmethod
-    def from_state_dict(cls, state_dict: dict[str, Any]) -> WeightState:
-        """A new state from `state_dict()`."""
-        return cls(state_dict["weights"], state_dict["scores"], state_dict["refresh"])
-
 
 def weight_entropy(weights: torch.Tensor) -> float:
     """Shannon entropy (nats) of `weights / Σ weights`, `(n,)` → float.
@@ -198,22 +193,6 @@ def weight_entropy(weights: torch.Tensor) -> float:
         return 0.0
     p = w[w > 0] / total
     return float(-(p * p.log()).sum())
-
-
-def sampling_probabilities(weights: torch.Tensor) -> torch.Tensor:
-    """Sampling probabilities `p_i = ω_i / Σ ω` for `weighting="sampling"`, `(n,)` → `(n,)` float64.
-
-    Sampling with `p ∝ ω` and averaging losses uniformly has the same expectation as the weighted mean
-    `Σ ω_i ℓ_i / Σ ω_i` over all examples, with unselected ones never drawn.
-
-    Raises:
-        ValueError: for negative or non-finite weights, or when no weight is positive.
-    """
-    w = _as_weights(weights)
-    total = w.sum()
-    if total <= 0:
-        raise ValueError("no weight is positive, so there is nothing to sample; select at least one negative.")
-    return w / total
 
 
 def _validate_candidates(n: int, candidate_ids: Any, candidate_scores: Any) -> tuple[torch.Tensor, torch.Tensor]:
