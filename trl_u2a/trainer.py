@@ -49,6 +49,7 @@ from .core.objectives import AlignmentObjective
 from .core.sampler import WeightedNegativeSampler
 from .core.weighting import WeightState, weight_entropy
 from .distributed import apply_ddp_timeout, check_process_count
+from .doc_links import docs_page
 from .model_card import write_model_card
 from .refresh.sharding import Sharding
 from .safe_state import (
@@ -173,13 +174,13 @@ class U2ATrainer(KTOTrainer):
             raise ValueError(
                 "U2ATrainer does not take a data_collator: it tokenizes and collates its rows itself (completion "
                 "masks, negative ids and cached reference log-probs travel in the batch). Pass the data as a dataset "
-                "in one of the formats of docs/usage.md instead."
+                f"in one of the formats of {docs_page('usage', 'data')} instead."
             )
         if compute_metrics is not None:
             raise ValueError(
                 "U2ATrainer does not take compute_metrics: its evaluation logs the unlearning loss and log-probs of "
                 "eval_dataset. For harmful rate, J, preference accuracy and retain perplexity of a trained model, run "
-                "`trl-u2a evaluate` (docs/usage.md)."
+                f"`trl-u2a evaluate` ({docs_page('usage', 'evaluating-a-model')})."
             )
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")

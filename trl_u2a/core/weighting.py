@@ -20,7 +20,8 @@ One refresh, given the influence scores `s_i = ∇Jᵀ P⁻¹ ∇ℓ_i` of this 
    renormalise to mean 1 over `S`, then cap at `max_weight` (× the mean, which is 1) by water-filling. `η_w = 0` is
    selection only: every selected example gets weight 1.
 
-   The scores are centred before clipping (docs/method.md writes `clip(s_i / std(s), −c, c)`). Without the clip the
+   The scores are centred before clipping, as docs/method.md writes (the method's own specification writes
+   `clip(s_i / std(s), −c, c)`; docs/method.md, "Centring before the clip", says why). Without the clip the
    centring changes nothing, since renormalising removes any common factor `exp(η_w m / std)`. With it, the
    uncentred form is degenerate exactly where it matters: after selection every `s_i > 0`, so when the selected
    scores sit far from 0 relative to their spread (e.g. the top third of a bell curve, or scores in `[1, 2]`), every
@@ -279,7 +280,8 @@ def refresh_weights(
         score_clip: `c > 0`; a centred, standardised score is clipped to `[−c, c]`, so one refresh changes the ratio
             of two weights by at most `exp(2 η_w c)` before the cap (scores are heavy-tailed; untempered updates put
             all the weight on one outlier).
-        max_weight: cap on a weight as a multiple of the mean weight (1), `≥ 1`; `inf` disables it.
+        max_weight: cap on a weight as a multiple of the mean weight (1), `≥ 1`; `inf` disables it here (for a study
+            of the update alone: `U2AConfig` asks for a finite cap, since untempered outliers take all the weight).
         sparsity: `ρ ≥ 0`, the `ℓ_1/2` penalty `ρ Σ √ω_i`, in score units. It enters the step as the effective score
             `s_i − ρ / (2 √ω_i)`, which pushes already-small weights further down.
 

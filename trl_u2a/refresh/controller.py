@@ -33,6 +33,7 @@ from ..core.objectives import AlignmentObjective, reference_logps
 from ..core.sampler import mix_seed
 from ..core.schedule import fixed_steps, refresh_rows, refresh_steps
 from ..core.weighting import refresh_weights
+from ..doc_links import docs_page
 from ..influence import (
     GhostDotProduct,
     QueryVector,
@@ -321,7 +322,8 @@ class RefreshController:
                 f"{self.pairs_later} alignment pairs + a pool of {self.pool_size} + {rescored} rescored negatives), "
                 f"{share:.0%} of the {args.reweight_steps} x {self.rows_per_step} rows trained between two refreshes, "
                 f"above reweight_overhead={args.reweight_overhead}. Leave reweight_steps=None to place the refreshes "
-                "within that bound, or raise reweight_steps or the effective batch (docs/usage.md).",
+                f"within that bound, or raise reweight_steps or the effective batch "
+                f"({docs_page('usage', 'choosing-the-knobs')}).",
             )
         return fixed_steps(max_steps, args.reweight_steps, start=self.initial_step)
 

@@ -25,6 +25,7 @@ from trl import ScriptArguments, TrlParser
 
 from trl_u2a._quiet import progress_bars_off
 from trl_u2a.config import INERT_KTO_FIELDS
+from trl_u2a.doc_links import docs_page
 
 TINY_MODEL = "trl-u2a/tiny"
 SYNTHETIC_DATASET = "trl-u2a/synthetic"
@@ -264,7 +265,8 @@ def _arrange_help(parser: argparse.ArgumentParser, config_class) -> None:
 
     own = set(inspect.get_annotations(config_class))
     group = parser.add_argument_group(
-        "U2A options", "The unlearning loss and the bi-level reweighting (docs/usage.md, 'Choosing the knobs')."
+        "U2A options",
+        f"The unlearning loss and the bi-level reweighting ({docs_page('usage', 'choosing-the-knobs')}).",
     )
     for action in parser._actions:
         if action.dest in INERT_KTO_FIELDS:
