@@ -288,11 +288,10 @@ def refresh_weights(
     Returns:
         `(new_state, info)`. `new_state.scores` holds the candidates' new scores and everyone else's last score;
         `new_state.refresh` is one more (it counts the weight updates applied; a refresh that is skipped applies none,
-        so the refresh's id is its caller's counter, not this one). Selected examples that were not rescored are carried (kept, weight unchanged
-        before the renormalisation, not ranked: their last score was taken with another query); if they were never
-        scored they are dropped. `info` (python floats/ints, for logging): `n_candidates`, `n_stale`
-        (selected, not rescored), `n_carried` (of those, kept),
-        `n_selected`, `n_new`, `n_dropped`, `n_positive`, `fraction_positive`, `score_min`, `score_q25`,
+        so the refresh's id is its caller's counter, not this one). Selected examples that were not rescored are
+        carried (kept, weight unchanged before the renormalisation, not ranked: their last score was taken with
+        another query); if they were never scored they are dropped. `info` (python floats/ints, for logging):
+        `n_candidates`, `n_stale` (selected, not rescored), `n_carried` (of those, kept), `n_selected`, `n_new`, `n_dropped`, `n_positive`, `fraction_positive`, `score_min`, `score_q25`,
         `score_median`, `score_q75`, `score_max` (of the candidates), `score_scale` (mean `|s|` of the candidates:
         near 0 means the gradients vanished, e.g. memorised negatives), `score_std`, `entropy` and `effective_n`
         (`exp(entropy)`) of the new weights, `weight_max`, `weight_min` (over the selected), `fraction_clipped`,
@@ -331,7 +330,9 @@ def refresh_weights(
         state.weights, scores, new_selected, carried, weight_lr, score_clip, max_weight, sparsity
     )
     new_state = WeightState(new_weights, scores, state.refresh + 1)
-    info = _refresh_info(cand_scores, scores, state.weights, new_weights, new_selected, carried, stale, fraction_clipped)
+    info = _refresh_info(
+        cand_scores, scores, state.weights, new_weights, new_selected, carried, stale, fraction_clipped
+    )
     return new_state, info
 
 
