@@ -292,10 +292,11 @@ def refresh_weights(
         carried (kept, weight unchanged before the renormalisation, not ranked: their last score was taken with
         another query); if they were never scored they are dropped. `info` (python floats/ints, for logging):
         `n_candidates`, `n_stale` (selected, not rescored), `n_carried` (of those, kept), `n_selected`, `n_new`,
-        `n_dropped`, `n_positive`, `fraction_positive`, `score_min`, `score_q25`, `score_median`, `score_q75`, `score_max` (of the candidates), `score_scale` (mean `|s|` of the candidates:
-        near 0 means the gradients vanished, e.g. memorised negatives), `score_std`, `entropy` and `effective_n`
-        (`exp(entropy)`) of the new weights, `weight_max`, `weight_min` (over the selected), `fraction_clipped`,
-        and `predicted_gain = Σ ω_i s_i / Σ ω_i` over the new selection's candidates (this query's scores), the
+        `n_dropped`, `n_positive`, `fraction_positive`, `score_min`, `score_q25`, `score_median`, `score_q75`,
+        `score_max` (of the candidates), `score_scale` (mean `|s|` of the candidates: near 0 means the gradients
+        vanished, e.g. memorised negatives), `score_std`, `entropy` and `effective_n` (`exp(entropy)`) of the new
+        weights, `weight_max`, `weight_min` (over the selected), `fraction_clipped`, and
+        `predicted_gain = Σ ω_i s_i / Σ ω_i` over the new selection's candidates (this query's scores), the
         first-order decrease of `J` per unit step of the weighted unlearning loss.
 
     Raises:
