@@ -191,4 +191,3 @@ def _summarise(results: dict[str, Any], config: DemoConfig, out_dir: Path, timin
     if config.plots:
         results["plots"] = make_plots(results, out_dir)
     (out_dir / "results.json").write_text(json.dumps(jsonable(results), indent=1))
-
