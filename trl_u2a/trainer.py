@@ -230,12 +230,12 @@ class U2ATrainer(KTOTrainer):
         collator the tokenizer's pad id. KTO sees `args` as a KTO config without a KL term (`_as_kto_args`) and
         keeps a reference model in memory only for the KL retain term (NPO's reference log-probs are cached by the
         next step, not by KTO: see `_precompute_ref_logps`)."""
-        self._needs_ref_model = args.retain_weight > 0 and args.retain_loss == "kl"
+        keeps_reference = args.retain_weight > 0 and args.retain_loss == "kl"
         self._collator = u2a_data.UnpairedCollator(pad_token_id=None, max_length=args.max_length)
         self._kto_constructing = True
         try:
             with (
-                _as_kto_args(args, precompute_ref_log_probs=not self._needs_ref_model),
+                _as_kto_args(args, precompute_ref_log_probs=not keeps_reference),
                 _dataset_bars(args.disable_tqdm),
             ):
                 super().__init__(args=args, data_collator=self._collator, **kto_inputs)
