@@ -67,6 +67,14 @@ def test_in_training_scores_with_gradient_accumulation_equal_brute_force(trained
 def test_backward_factor_reads_the_accumulation_steps_and_refuses_a_missing_one(trained):
     trained.current_gradient_accumulation_steps = 2
     assert trained._backward_factor() == 0.5
+
+    class Scaler:  # an AMP loss scaler, as accelerate holds one under fp16
+        def get_scale(self):
+            return 1024.0
+
+    trained.accelerator.scaler = Scaler()
+    assert trained._backward_factor() == 512.0
+    trained.accelerator.scaler = None
     del trained.current_gradient_accumulation_steps
     with pytest.raises(RuntimeError, match="current_gradient_accumulation_steps"):
         trained._backward_factor()

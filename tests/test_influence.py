@@ -194,8 +194,13 @@ def test_ghost_matches_brute_force_bf16(tokenizer, loss_type):
     ghost = inf.score_negatives_batch(model, batch, loss_fn, v)
     brute = inf.brute_force_scores(model, batch, loss_fn, v)
     assert ghost.dtype == torch.float32 and torch.isfinite(ghost).all()
-    assert rel_err(ghost, brute) <= 2e-2, (ghost, brute)
-    assert torch.equal(ghost.argsort(), brute.argsort())
+    tolerance = 2e-2
+    assert rel_err(ghost, brute) <= tolerance, (ghost, brute)
+    # Ranked alike wherever brute force puts two scores further apart than both errors together: bf16 rounding
+    # differs from CPU to CPU (native AVX512-BF16 or emulated), so closer pairs may swap
+    apart = (brute[:, None] - brute[None, :]).abs() > 2 * tolerance * brute.abs().max()
+    assert apart.any()
+    assert torch.equal((ghost[:, None] > ghost[None, :])[apart], (brute[:, None] > brute[None, :])[apart])
 
 
 def load_qlora(directory):
@@ -245,19 +250,21 @@ def test_warns_when_bnb_layers_were_repacked(tokenizer, tmp_path):
     import bitsandbytes as bnb
 
     model = load_qlora(tmp_path)
-    if not any(
-        getattr(m, "support_avx512bf16_for_cpu", False) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)
-    ):
-        pytest.skip("bitsandbytes repacks 4-bit weights only on CPUs with AVX512-BF16")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     batch = make_negatives(tokenizer)
-    model.eval()
-    with torch.no_grad():  # what an evaluation loop does
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    model.train()
+    if layers[0].support_avx512bf16_for_cpu:
+        model.eval()
+        with torch.no_grad():  # what an evaluation loop does: bitsandbytes repacks every 4-bit weight
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        model.train()
+    else:
+        # bitsandbytes repacks only on CPUs with AVX512-BF16 (its packed kernel needs them): here the mark its
+        # repacking leaves is set on one layer, which is all the check reads; no forward runs on it
+        layers[0].weight.quant_state.packing_format_for_cpu = True
     assert bnb_repacked(model)
-    v = random_v(inf.tracked_parameters(model))
-    with pytest.warns(UserWarning, match="repacked"):
-        inf.score_negatives_batch(model, batch, _loss_fn("ga"), v)
+    with pytest.warns(UserWarning, match="4-bit layer\\(s\\) were repacked"):
+        with inf.scoring_mode(model):  # every scoring path enters it
+            pass
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from trl_u2a.core.losses import (
     npo_loss,
     simnpo_loss,
     unlearning_loss,
+    weight_coefficients,
     weighted_mean,
 )
 
@@ -76,6 +77,10 @@ def test_weighted_mean_and_zero_weights():
     weights = torch.tensor([1.0, 0.0, 3.0])
     assert weighted_mean(losses, weights).item() == pytest.approx((1 + 12) / 4)
     assert weighted_mean(losses, torch.zeros(3)).item() == 0.0
+    # A weight-0 row adds nothing even when its loss is not finite (an unselected negative, a retain row)
+    assert weighted_mean(torch.tensor([1.0, float("inf"), 4.0]), weights).item() == pytest.approx(13 / 4)
+    assert weighted_mean(torch.tensor([1.0, float("nan"), 4.0]), weights, torch.tensor(2.0)).item() == 6.5
+    assert weight_coefficients(weights, torch.tensor(2.0)).tolist() == [0.5, 0.0, 1.5]
 
 
 def test_kl_to_reference_zero_at_reference_and_positive_elsewhere():

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import types
 
+import pytest
 import torch
 from conftest import CHOSEN, PROMPTS, REJECTED
 from datasets import Dataset
+from torch import nn
 
 from trl_u2a import data as u2a_data
 from trl_u2a.core.objectives import DPOObjective
 from trl_u2a.core.weighting import WeightState, budget_size
-from trl_u2a.influence import brute_force_scores, compute_query, make_unlearning_loss_fn
 from trl_u2a.refresh import RefreshController
 from trl_u2a.refresh.sharding import Sharding
 
@@ -67,6 +68,14 @@ class LoopHost:
         self.logged.append(metrics)
 
 
+def _logps(model, batch, prefix=""):
+    """`log π(y|x)` of each row of a collated batch: a plain forward, log-softmax, gather, completion mask."""
+    ids = batch[f"{prefix}input_ids"]
+    logits = model(input_ids=ids, attention_mask=batch[f"{prefix}attention_mask"]).logits
+    per_token = torch.gather(logits[:, :-1].log_softmax(-1), 2, ids[:, 1:, None]).squeeze(-1)
+    return (per_token * batch[f"{prefix}completion_mask"][:, 1:]).sum(-1)
+
+
 def _args(tmp_path, **overrides):
     values = dict(
         budget=0.5, pa_samples=None, pool_size=None, reweight_steps=None, reweight_overhead=0.15,
@@ -109,18 +118,31 @@ def test_a_plain_loop_drives_the_initial_pass_and_its_selection_is_the_brute_for
 
     assert record is not None and record["refresh"] == 0 and record["num_scored"] == len(negatives)
     assert host.logged and host.logged[0]["u2a/objective"] == record["objective"]
-    # The selection is the top-budget positive scores under brute-force per-example gradients with the same v
-    loss_fn = make_unlearning_loss_fn("ga")
-    pair_batches = [u2a_data.PairCollator(tokenizer.pad_token_id, 64)([pairs[i] for i in range(len(pairs))])]
-    from trl_u2a.core.objectives import reference_logps
-
-    v = compute_query(model, DPOObjective(0.1), reference_logps(model, pair_batches))
-    scores = brute_force_scores(model, host.negative_batches(list(range(len(negatives))), len(negatives), None)[0],
-                                loss_fn, v)  # fmt: skip
+    # The selection is the top-budget positive scores under brute force written out here: v = ∇J of the mean DPO
+    # loss (the start model is its own reference at step 0), s_i = ⟨v, ∇ℓ_i⟩ with ℓ_i the token-mean log-prob
+    params = list({id(p): p for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding))
+                   for p in m.parameters() if p.requires_grad}.values())  # fmt: skip
+    model.eval()
+    batch = u2a_data.PairCollator(tokenizer.pad_token_id, 64)([pairs[i] for i in range(len(pairs))])
+    chosen, rejected = _logps(model, batch, "chosen_"), _logps(model, batch, "rejected_")
+    margin = (chosen - chosen.detach()) - (rejected - rejected.detach())
+    objective = -torch.nn.functional.logsigmoid(0.1 * margin).mean()
+    v = torch.autograd.grad(objective, params)
+    scores = []
+    for row in negatives:
+        one = host.collator([row])
+        logps = _logps(model, one)
+        ell = logps / one["completion_mask"][:, 1:].sum()
+        scores.append(sum(float((g * vi).sum()) for g, vi in zip(torch.autograd.grad(ell.sum(), params), v)))
+    scores = torch.tensor(scores)
     positive = [i for i in scores.argsort(descending=True).tolist() if scores[i] > 0][: host.budget]
     selected = torch.nonzero(host.weight_state.weights > 0).flatten().tolist()
-    assert sorted(selected) == sorted(positive)
-    assert record["objective"] == torch.tensor(v.objective_value).item()
+    assert len(positive) == host.budget and sorted(selected) == sorted(positive)
+    assert record["objective"] == pytest.approx(objective.item(), rel=1e-6)
+    # The scores themselves, as the trace reports them
+    assert torch.tensor([record["last_scores"][i] for i in range(len(negatives))]).tolist() == pytest.approx(
+        scores.tolist(), rel=1e-4, abs=1e-6
+    )
     # The plan: refreshes after the initial pass, inside the 200 steps, none at the last one
     assert controller.schedule and max(controller.schedule) < 200
     # Files: one refresh record and one trace row per scored negative

@@ -40,7 +40,16 @@ def test_compute_loss_equals_hand_reference(tiny_model_path, tokenizer, tmp_path
     rows = list(range(len(trainer.train_dataset)))  # negatives and retain rows, mixed lengths
     batch = _batch(trainer, rows)
     model = trainer.model.train()  # in eval mode the loss is unweighted (eval rows are not training negatives)
+    # The policy moves away from the start model, so that NPO's reference term is not the policy's own log-prob
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=generator))
     loss = trainer.compute_loss(model, batch)
+    # log π_0 from the start model loaded on its own, not the trainer's cached `ref_logps` column
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_path)
 
     args = trainer.args
     num, den, retain = 0.0, 0.0, []
@@ -54,7 +63,10 @@ def test_compute_loss_equals_hand_reference(tiny_model_path, tokenizer, tmp_path
         if loss_type in ("ga", "graddiff"):
             ell = lp / n
         elif loss_type == "npo":
-            ell = 2 / args.beta * torch.log1p(torch.exp(args.beta * (lp - row["ref_logps"])))
+            with torch.no_grad():
+                ref_lp, _ = _single_logp(reference, tokenizer, row["prompt"], row["completion"])
+            assert abs(lp - ref_lp) > 1e-3  # the two terms differ: the oracle sees a wrong reference
+            ell = 2 / args.beta * torch.log1p(torch.exp(args.beta * (lp - ref_lp)))
         else:
             ell = -2 / args.beta * torch.nn.functional.logsigmoid(-(args.beta / n) * lp - args.gamma)
         num, den = num + w * ell, den + w

@@ -10,6 +10,7 @@ from trl import KTOConfig
 
 from .core.losses import DEFAULT_BETA, LOSS_TYPES
 from .core.weighting import budget_size, check_budget
+from .doc_links import docs_page
 from .influence.preconditioners import PRECONDITIONERS
 
 RETAIN_LOSSES = ("nll", "kl")
@@ -356,5 +357,5 @@ def _refuse_inert_fields(config: U2AConfig) -> None:
         settings = ", ".join(f"{name}={getattr(config, name)!r}" for name in changed)
         raise ValueError(
             f"{settings}: U2AConfig inherits these KTOConfig options but U2A never reads them, so they would do "
-            "nothing. Remove them (U2A's own options are listed in docs/usage.md)."
+            f"nothing. Remove them (U2A's own options: {docs_page('usage', 'choosing-the-knobs')})."
         )

@@ -413,6 +413,3 @@ class PairCollator:
             if key in rows[0]:
                 batch[key] = torch.tensor([float(r[key]) for r in rows])
         return batch
-
-
-# ------------------------------------------------------------------------------------- sharding rows across processes

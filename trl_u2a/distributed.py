@@ -8,6 +8,8 @@ import os
 import torch
 from accelerate.logging import get_logger
 
+from .doc_links import docs_page
+
 logger = get_logger(__name__)
 
 
@@ -43,7 +45,7 @@ def check_process_count(accelerator) -> None:
             f"({state.distributed_type}, {accelerator.num_processes} process): the ranks would train independently "
             "and write every file twice. On a machine without a GPU, set ACCELERATE_USE_CPU=true (or use_cpu: true) "
             "and launch with --multi_gpu --num_processes N; with GPUs, check that CUDA is visible to every rank "
-            "(docs/troubleshooting.md, 'A multi-process run is really independent processes')."
+            f"({docs_page('troubleshooting', 'a-multi-process-run-is-really-independent-processes')})."
         )
     logger.info(
         f"U2A: {accelerator.num_processes} process(es), distributed type {state.distributed_type}, mixed precision "

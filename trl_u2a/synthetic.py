@@ -502,32 +502,10 @@ def make_u2a_task(
     }
     prompts = {name: [(i, *space[i]) for i in split] for name, split in splits.items()}
 
-    # Rejected rows per train prompt: as even as possible, the remainder on random prompts; at least 1 and at most
-    # responses_per_prompt - 1 (so that every prompt keeps a chosen answer) whenever the total allows it.
-    total = responses_per_prompt * n_train
-    n_rejected = min(max(round(rejected_fraction * total), 1), total - 1)
-    low, high = (1, responses_per_prompt - 1) if n_train <= n_rejected <= total - n_train else (0, responses_per_prompt)
-    per_prompt = [min(max(n_rejected // n_train, low), high)] * n_train
-    while sum(per_prompt) != n_rejected:
-        step = 1 if sum(per_prompt) < n_rejected else -1
-        options = [j for j, c in enumerate(per_prompt) if (c < high if step > 0 else c > low)]
-        per_prompt[rng.choice(options)] += step
-    rejected_kinds = _exact_counts(n_rejected, kinds)
+    per_prompt = _rejected_per_prompt(rng, n_train, responses_per_prompt, rejected_fraction)
+    rejected_kinds = _exact_counts(sum(per_prompt), kinds)
     rng.shuffle(rejected_kinds)
-
-    original: list[dict[str, Any]] = []
-    cursor = 0
-    for j, (prompt_id, topic, task, prompt) in enumerate(prompts["train"]):
-        labels = ["chosen"] * (responses_per_prompt - per_prompt[j]) + rejected_kinds[cursor : cursor + per_prompt[j]]
-        cursor += per_prompt[j]
-        rng.shuffle(labels)
-        seen: set[str] = set()
-        for kind in labels:
-            text = _fresh(rng, kind, topic, task, seen)
-            seen.add(text)
-            original.append(
-                {"prompt_id": prompt_id, "topic": topic, "prompt": prompt, "completion": text, "kind": kind}
-            )
+    original = _original_rows(rng, prompts["train"], per_prompt, rejected_kinds, responses_per_prompt)
 
     forget = [{**row, "label": False} for row in original if row["kind"] != "chosen"]
     retain = [{**row, "label": True} for row in original if row["kind"] == "chosen"]
@@ -549,6 +527,47 @@ def make_u2a_task(
     if conversational:
         out = {name: [_to_messages(row) for row in rows] for name, rows in out.items()}
     return DatasetDict({name: Dataset.from_list(rows) for name, rows in out.items()})
+
+
+def _rejected_per_prompt(
+    rng: random.Random, n_train: int, responses_per_prompt: int, rejected_fraction: float
+) -> list[int]:
+    """Rejected rows per train prompt: as even as possible, the remainder on random prompts; at least 1 and at most
+    `responses_per_prompt - 1` (so that every prompt keeps a chosen answer) whenever the total allows it."""
+    total = responses_per_prompt * n_train
+    n_rejected = min(max(round(rejected_fraction * total), 1), total - 1)
+    low, high = (1, responses_per_prompt - 1) if n_train <= n_rejected <= total - n_train else (0, responses_per_prompt)
+    per_prompt = [min(max(n_rejected // n_train, low), high)] * n_train
+    while sum(per_prompt) != n_rejected:
+        step = 1 if sum(per_prompt) < n_rejected else -1
+        options = [j for j, c in enumerate(per_prompt) if (c < high if step > 0 else c > low)]
+        per_prompt[rng.choice(options)] += step
+    return per_prompt
+
+
+def _original_rows(
+    rng: random.Random,
+    train_prompts: list[tuple],
+    per_prompt: list[int],
+    rejected_kinds: list[str],
+    responses_per_prompt: int,
+) -> list[dict[str, Any]]:
+    """The `original` split: `responses_per_prompt` distinct responses per train prompt, `per_prompt[j]` of them
+    rejected (of the next kinds of `rejected_kinds`), in random order."""
+    original: list[dict[str, Any]] = []
+    cursor = 0
+    for j, (prompt_id, topic, task, prompt) in enumerate(train_prompts):
+        labels = ["chosen"] * (responses_per_prompt - per_prompt[j]) + rejected_kinds[cursor : cursor + per_prompt[j]]
+        cursor += per_prompt[j]
+        rng.shuffle(labels)
+        seen: set[str] = set()
+        for kind in labels:
+            text = _fresh(rng, kind, topic, task, seen)
+            seen.add(text)
+            original.append(
+                {"prompt_id": prompt_id, "topic": topic, "prompt": prompt, "completion": text, "kind": kind}
+            )
+    return original
 
 
 def make_training_splits(seed: int = 0, **kwargs: Any):

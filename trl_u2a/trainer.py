@@ -37,13 +37,21 @@ from trl.trainer.utils import use_adapter
 from . import data as u2a_data
 from .checks import check_causal_lm, check_model_source, check_not_a_file, check_output_dir
 from .config import U2AConfig
-from .core.losses import completion_logps, kl_to_reference, nll_loss, unlearning_loss
+from .core.losses import (
+    completion_logps,
+    kl_to_reference,
+    nll_loss,
+    unlearning_loss,
+    weight_coefficients,
+    weighted_mean,
+)
 from .core.modeling import _is_bnb_4bit as is_bnb_4bit
 from .core.objectives import AlignmentObjective
 from .core.sampler import WeightedNegativeSampler
 from .core.weighting import WeightState, weight_entropy
 from .distributed import apply_ddp_timeout, check_process_count
-from .model_card import u2a_card_section, write_model_card
+from .doc_links import docs_page
+from .model_card import write_model_card
 from .refresh.sharding import Sharding
 from .safe_state import (
     STATE_JSON,
@@ -162,59 +170,93 @@ class U2ATrainer(KTOTrainer):
         alignment_dataset: Dataset | None = None,
         alignment_objective: AlignmentObjective | None = None,
     ):
-        # TRL's positional order, so that a KTOTrainer/DPOTrainer call site ports as is; U2A's own inputs by keyword
+        # TRL's positional order, so that a KTOTrainer/DPOTrainer call site ports as is; U2A's own inputs by keyword.
+        # The steps run in this order; each says what the next ones need from it.
+        args = self._u2a_arguments(model, args, data_collator, compute_metrics)
+        train_dataset, alignment_dataset = self._checked_inputs(args, train_dataset, alignment_dataset)
+        self._build_kto_trainer(
+            args,
+            model=model,
+            ref_model=ref_model,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+        self._add_reference_logps(args)
+        self._install_weights(args)
+        self._install_refresh(args, alignment_dataset, alignment_objective)
+
+    def _u2a_arguments(self, model, args, data_collator, compute_metrics) -> U2AConfig:
+        """Step 1: refuse what U2A does not take and return the `U2AConfig` (a default one named after the model).
+        First, because every later step reads the arguments, and a refusal should cost nothing."""
         if data_collator is not None:
             raise ValueError(
                 "U2ATrainer does not take a data_collator: it tokenizes and collates its rows itself (completion "
                 "masks, negative ids and cached reference log-probs travel in the batch). Pass the data as a dataset "
-                "in one of the formats of docs/usage.md instead."
+                f"in one of the formats of {docs_page('usage', 'data')} instead."
             )
         if compute_metrics is not None:
             raise ValueError(
                 "U2ATrainer does not take compute_metrics: its evaluation logs the unlearning loss and log-probs of "
                 "eval_dataset. For harmful rate, J, preference accuracy and retain perplexity of a trained model, run "
-                "`trl-u2a evaluate` (docs/usage.md)."
+                f"`trl-u2a evaluate` ({docs_page('usage', 'evaluating-a-model')})."
             )
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
             args = U2AConfig(output_dir=f"{os.path.basename(str(name)) or 'model'}-U2A")
         if not isinstance(args, U2AConfig):
             raise TypeError(f"args must be a U2AConfig, got {type(args).__name__}.")
-        if train_dataset is None:
-            raise ValueError("train_dataset is required: the negatives to unlearn.")
-        apply_ddp_timeout(args)
+        apply_ddp_timeout(args)  # before the accelerator that the TRL trainer builds reads it
         check_not_a_file(args.output_dir, "output_dir")
         if isinstance(model, str):
             check_model_source(model)
         check_causal_lm(model)
-        # Validate the data formats before any model is loaded: a typo in a column name should cost seconds
+        return args
+
+    def _checked_inputs(self, args, train_dataset, alignment_dataset) -> tuple[Dataset, Dataset | None]:
+        """Step 2: the training rows in the unpaired format (with negative ids) and the checked alignment pairs.
+        Before the TRL trainer loads any model: a typo in a column name should cost seconds."""
+        if train_dataset is None:
+            raise ValueError("train_dataset is required: the negatives to unlearn.")
         with _dataset_bars(args.disable_tqdm):
             train_dataset = u2a_data.to_unpaired(train_dataset, "train_dataset", num_proc=args.dataset_num_proc)
         if alignment_dataset is not None:
             alignment_dataset = u2a_data.check_preference(alignment_dataset, "alignment_dataset")
+        return train_dataset, alignment_dataset
 
-        # A reference model in memory is needed only for the KL retain term; NPO's reference log-probs are cached.
-        self._needs_ref_model = args.retain_weight > 0 and args.retain_loss == "kl"
+    def _build_kto_trainer(self, args, **kto_inputs) -> None:
+        """Step 3: `KTOTrainer.__init__` (model, PEFT, reference model, accelerator, tokenized datasets).
+
+        `_collator` exists before it: KTO calls `_prepare_dataset` (ours) from its constructor, which gives the
+        collator the tokenizer's pad id. KTO sees `args` as a KTO config without a KL term (`_as_kto_args`) and
+        keeps a reference model in memory only for the KL retain term (NPO's reference log-probs are cached by the
+        next step, not by KTO: see `_precompute_ref_logps`)."""
+        keeps_reference = args.retain_weight > 0 and args.retain_loss == "kl"
         self._collator = u2a_data.UnpairedCollator(pad_token_id=None, max_length=args.max_length)
-        with _as_kto_args(args, precompute_ref_log_probs=not self._needs_ref_model), _dataset_bars(args.disable_tqdm):
-            super().__init__(
-                model=model,
-                ref_model=ref_model,
-                args=args,
-                data_collator=self._collator,
-                train_dataset=train_dataset,
-                eval_dataset=eval_dataset,
-                processing_class=processing_class,
-                callbacks=callbacks,
-                optimizers=optimizers,
-                quantization_config=quantization_config,
-                peft_config=peft_config,
-            )
+        self._kto_constructing = True
+        try:
+            with (
+                _as_kto_args(args, precompute_ref_log_probs=not keeps_reference),
+                _dataset_bars(args.disable_tqdm),
+            ):
+                super().__init__(args=args, data_collator=self._collator, **kto_inputs)
+        finally:
+            self._kto_constructing = False
         check_process_count(self.accelerator)
+        # KTO set these from the config it saw; U2A's loss reads its own
         self.loss_type = args.loss_type
         self.beta = args.beta
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def _add_reference_logps(self, args) -> None:
+        """Step 4, for NPO: the column `ref_logps = log π_0(y|x)` of the training and evaluation rows. After the TRL
+        trainer, which built the model, the reference and the accelerator this pass runs on; before any training
+        step, so that without a reference model the policy still is the start model."""
         if args.loss_type == "npo":
-            # KTO precomputes only when it keeps no reference model in memory (not with the KL retain term)
             batch_size = args.precompute_ref_batch_size or args.per_device_train_batch_size
             self.train_dataset = self._precompute_ref_logps(self.train_dataset, "train", batch_size)
             if isinstance(self.eval_dataset, dict):
@@ -225,7 +267,10 @@ class U2ATrainer(KTOTrainer):
                 self.eval_dataset = self._precompute_ref_logps(self.eval_dataset, "eval", batch_size)
         self.precompute_ref_logps = "ref_logps" in self.train_dataset.column_names
 
-        # The weight state: one weight per negative id, uniform or from the `weight` column
+    def _install_weights(self, args) -> None:
+        """Step 5: the weight state, one weight per negative id (uniform, or the `weight` column), the rows of the
+        negatives and retain examples, and the device copy of the weights the loss reads. After the TRL trainer:
+        it reads the prepared `train_dataset` and the accelerator's device."""
         negative_ids = torch.tensor(self.train_dataset[u2a_data.NEGATIVE_ID])
         is_negative = negative_ids >= 0
         self.num_negatives = int(is_negative.sum())
@@ -254,25 +299,28 @@ class U2ATrainer(KTOTrainer):
         self._weights = self.weight_state.weights.to(device=self.accelerator.device, dtype=torch.float32)
         self._sampler: WeightedNegativeSampler | None = None
         self._pending_sampler_state: dict | None = None
-        self._pending_callback_state: dict | None = None
 
+    def _install_refresh(self, args, alignment_dataset, alignment_objective) -> None:
+        """Step 6: the budget (negatives trained per epoch) and, with an alignment set, the refresh callback. Last:
+        the callback reads the weight state, the budget and the tokenizer of the steps before."""
         self.alignment_dataset = alignment_dataset
         self.refresh_callback = None
-        if alignment_dataset is not None:
-            from .refresh import U2ARefreshCallback
-
-            self.budget = args.budget_count(self.num_negatives)
-            with _dataset_bars(args.disable_tqdm):
-                self.refresh_callback = U2ARefreshCallback(self, alignment_dataset, objective=alignment_objective)
-            self.add_callback(self.refresh_callback)
-        else:
-            self.budget = int((self.weight_state.weights > 0).sum())
+        if alignment_dataset is None:
+            # No selection: every negative of positive initial weight is trained
+            self.budget = int(self.weight_state.selected.sum())  # > 0: _install_weights refused all-zero weights
             logger.info(
                 "No alignment_dataset given: running plain weighted unlearning with the initial weights (no selection "
                 "or reweighting). Pass alignment_dataset=<preference pairs> to enable U2A's bi-level reweighting.",
                 main_process_only=True,
             )
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+            return
+        from .refresh import U2ARefreshCallback
+
+        # The refreshes select `budget` negatives (`U2AConfig.budget`, as a count)
+        self.budget = args.budget_count(self.num_negatives)
+        with _dataset_bars(args.disable_tqdm):
+            self.refresh_callback = U2ARefreshCallback(self, alignment_dataset, objective=alignment_objective)
+        self.add_callback(self.refresh_callback)
 
     # ------------------------------------------------------------------ data
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -295,8 +343,10 @@ class U2ATrainer(KTOTrainer):
         Rows are sharded across processes in equal, padded chunks (ZeRO-3 needs every rank to run the same forwards)
         and gathered in memory, so no cache file has to be shared between processes.
         """
-        # Only NPO reads reference log-probs; for the other losses this pass would be wasted compute
-        if self.args.loss_type != "npo" or "ref_logps" in dataset.column_names:
+        # KTO's constructor calls this too: U2A adds the column in `_add_reference_logps` instead, once the trainer
+        # is built (also when KTO keeps a reference model for the KL retain term and would not call it). Only NPO
+        # reads reference log-probs; for the other losses this pass would be wasted compute
+        if self._kto_constructing or self.args.loss_type != "npo" or "ref_logps" in dataset.column_names:
             return dataset
         # A bitsandbytes 4-bit layer run under no_grad in eval mode on CPU repacks its weight for inference and then
         # drops every later gradient through it (see `modeling.eval_mode`); a freshly loaded model is in eval mode
@@ -416,8 +466,7 @@ class U2ATrainer(KTOTrainer):
         # all-reduce for both
         totals = torch.stack([weights.sum(), is_retain.sum().to(losses.dtype)]).detach()
         weight_total, retain_count = self.accelerator.reduce(totals, reduction="mean").unbind()
-        negative_loss = torch.where(weights > 0, weights * losses, 0.0).sum() / weight_total.clamp(min=1e-12)
-        loss = negative_loss
+        loss = weighted_mean(losses, weights, normalizer=weight_total)
 
         retain_nll = torch.where(is_retain, nll_loss(logps, lengths), 0.0)
         if self.args.retain_weight > 0:
@@ -430,7 +479,7 @@ class U2ATrainer(KTOTrainer):
 
         if mode == "train":
             # Each row's coefficient in `loss`, for in-training scores (`training_step` adds the backward's factor)
-            self._row_coefficients = weights.detach() / weight_total.clamp(min=1e-12)
+            self._row_coefficients = weight_coefficients(weights.detach(), normalizer=weight_total)
         self._log_batch_metrics(mode, losses, logps, lengths, weights, is_negative, is_retain, retain_nll)
         if return_outputs:
             return loss, {"logps": logps.detach()}
@@ -521,8 +570,7 @@ class U2ATrainer(KTOTrainer):
         if num_retain > 0:
             metrics["nll/retain"].append(nll_sum / num_retain)
         if mode == "train":
-            w = self.weight_state.weights
-            selected = w[w > 0]
+            selected = self.weight_state.weights[self.weight_state.selected]
             metrics["weights/num_selected"].append(float(len(selected)))
             metrics["weights/max"].append(float(selected.max()) if len(selected) else 0.0)
             metrics["weights/entropy"].append(weight_entropy(selected))
@@ -544,10 +592,6 @@ class U2ATrainer(KTOTrainer):
             import shutil
 
             shutil.copyfile(card, os.path.join(output_dir, "README.md"))
-
-    def u2a_model_card_section(self) -> str:
-        """Markdown: what U2A unlearned and how (appended to the model card)."""
-        return u2a_card_section(self)
 
     # ------------------------------------------------------------ checkpoint
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 LOSS_TYPES = ("ga", "graddiff", "npo", "simnpo")
 # `beta` of each loss when none is given: NPO's inverse temperature, SimNPO's (docs/method.md); ga/graddiff ignore it
 DEFAULT_BETA = {"ga": 0.1, "graddiff": 0.1, "npo": 0.1, "simnpo": 4.5}
-NEEDS_REFERENCE = ("npo",)
 
 
 def completion_logps(per_token_logps: torch.Tensor, completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,8 +91,16 @@ def kl_to_reference(logits: torch.Tensor, ref_logits: torch.Tensor, completion_m
     return (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
-def weighted_mean(losses: torch.Tensor, weights: torch.Tensor, normalizer: torch.Tensor | None = None) -> torch.Tensor:
-    """`Σ_i ω_i ℓ_i / Σ_i ω_i`, or divided by `normalizer` when given (e.g. the all-reduced weight sum of a global
-    batch, so that data-parallel ranks together compute the global weighted mean). Zero when no weight is positive."""
+def weight_coefficients(weights: torch.Tensor, normalizer: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's coefficient `ω_i / Σ_j ω_j` in `weighted_mean` (`(B,)`), or `ω_i / normalizer` when given (e.g. the
+    all-reduced weight sum of a global batch, so that data-parallel ranks together compute the global weighted
+    mean). Zeros when no weight is positive."""
     total = weights.sum() if normalizer is None else normalizer
-    return (weights * losses).sum() / total.clamp(min=torch.finfo(losses.dtype).tiny)
+    return weights / total.clamp(min=torch.finfo(weights.dtype).tiny)
+
+
+def weighted_mean(losses: torch.Tensor, weights: torch.Tensor, normalizer: torch.Tensor | None = None) -> torch.Tensor:
+    """`Σ_i ω_i ℓ_i / Σ_i ω_i` (see `weight_coefficients` for `normalizer`). A row of weight 0 adds nothing, even
+    when its loss is infinite or NaN (a row that is not a negative, or an unselected one)."""
+    coefficients = weight_coefficients(weights.to(losses.dtype), normalizer)
+    return torch.where(coefficients > 0, coefficients * losses, 0.0).sum()

@@ -20,7 +20,8 @@ One refresh, given the influence scores `s_i = ∇Jᵀ P⁻¹ ∇ℓ_i` of this 
    renormalise to mean 1 over `S`, then cap at `max_weight` (× the mean, which is 1) by water-filling. `η_w = 0` is
    selection only: every selected example gets weight 1.
 
-   The scores are centred before clipping (docs/method.md writes `clip(s_i / std(s), −c, c)`). Without the clip the
+   The scores are centred before clipping, as docs/method.md writes (the method's own specification writes
+   `clip(s_i / std(s), −c, c)`; docs/method.md, "Centring before the clip", says why). Without the clip the
    centring changes nothing, since renormalising removes any common factor `exp(η_w m / std)`. With it, the
    uncentred form is degenerate exactly where it matters: after selection every `s_i > 0`, so when the selected
    scores sit far from 0 relative to their spread (e.g. the top third of a bell curve, or scores in `[1, 2]`), every
@@ -181,11 +182,6 @@ class WeightState:
             )
         self.weights, self.scores, self.refresh = loaded.weights, loaded.scores, loaded.refresh
 
-    @classmethod
-    def from_state_dict(cls, state_dict: dict[str, Any]) -> WeightState:
-        """A new state from `state_dict()`."""
-        return cls(state_dict["weights"], state_dict["scores"], state_dict["refresh"])
-
 
 def weight_entropy(weights: torch.Tensor) -> float:
     """Shannon entropy (nats) of `weights / Σ weights`, `(n,)` → float.
@@ -198,22 +194,6 @@ def weight_entropy(weights: torch.Tensor) -> float:
         return 0.0
     p = w[w > 0] / total
     return float(-(p * p.log()).sum())
-
-
-def sampling_probabilities(weights: torch.Tensor) -> torch.Tensor:
-    """Sampling probabilities `p_i = ω_i / Σ ω` for `weighting="sampling"`, `(n,)` → `(n,)` float64.
-
-    Sampling with `p ∝ ω` and averaging losses uniformly has the same expectation as the weighted mean
-    `Σ ω_i ℓ_i / Σ ω_i` over all examples, with unselected ones never drawn.
-
-    Raises:
-        ValueError: for negative or non-finite weights, or when no weight is positive.
-    """
-    w = _as_weights(weights)
-    total = w.sum()
-    if total <= 0:
-        raise ValueError("no weight is positive, so there is nothing to sample; select at least one negative.")
-    return w / total
 
 
 def _validate_candidates(n: int, candidate_ids: Any, candidate_scores: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,22 +280,23 @@ def refresh_weights(
         score_clip: `c > 0`; a centred, standardised score is clipped to `[−c, c]`, so one refresh changes the ratio
             of two weights by at most `exp(2 η_w c)` before the cap (scores are heavy-tailed; untempered updates put
             all the weight on one outlier).
-        max_weight: cap on a weight as a multiple of the mean weight (1), `≥ 1`; `inf` disables it.
+        max_weight: cap on a weight as a multiple of the mean weight (1), `≥ 1`; `inf` disables it here (for a study
+            of the update alone: `U2AConfig` asks for a finite cap, since untempered outliers take all the weight).
         sparsity: `ρ ≥ 0`, the `ℓ_1/2` penalty `ρ Σ √ω_i`, in score units. It enters the step as the effective score
             `s_i − ρ / (2 √ω_i)`, which pushes already-small weights further down.
 
     Returns:
         `(new_state, info)`. `new_state.scores` holds the candidates' new scores and everyone else's last score;
         `new_state.refresh` is one more (it counts the weight updates applied; a refresh that is skipped applies none,
-        so the refresh's id is its caller's counter, not this one). Selected examples that were not rescored are carried (kept, weight unchanged
-        before the renormalisation, not ranked: their last score was taken with another query); if they were never
-        scored they are dropped. `info` (python floats/ints, for logging): `n_candidates`, `n_stale`
-        (selected, not rescored), `n_carried` (of those, kept),
-        `n_selected`, `n_new`, `n_dropped`, `n_positive`, `fraction_positive`, `score_min`, `score_q25`,
-        `score_median`, `score_q75`, `score_max` (of the candidates), `score_scale` (mean `|s|` of the candidates:
-        near 0 means the gradients vanished, e.g. memorised negatives), `score_std`, `entropy` and `effective_n`
-        (`exp(entropy)`) of the new weights, `weight_max`, `weight_min` (over the selected), `fraction_clipped`,
-        and `predicted_gain = Σ ω_i s_i / Σ ω_i` over the new selection's candidates (this query's scores), the
+        so the refresh's id is its caller's counter, not this one). Selected examples that were not rescored are
+        carried (kept, weight unchanged before the renormalisation, not ranked: their last score was taken with
+        another query); if they were never scored they are dropped. `info` (python floats/ints, for logging):
+        `n_candidates`, `n_stale` (selected, not rescored), `n_carried` (of those, kept), `n_selected`, `n_new`,
+        `n_dropped`, `n_positive`, `fraction_positive`, `score_min`, `score_q25`, `score_median`, `score_q75`,
+        `score_max` (of the candidates), `score_scale` (mean `|s|` of the candidates: near 0 means the gradients
+        vanished, e.g. memorised negatives), `score_std`, `entropy` and `effective_n` (`exp(entropy)`) of the new
+        weights, `weight_max`, `weight_min` (over the selected), `fraction_clipped`, and
+        `predicted_gain = Σ ω_i s_i / Σ ω_i` over the new selection's candidates (this query's scores), the
         first-order decrease of `J` per unit step of the weighted unlearning loss.
 
     Raises:
@@ -336,58 +317,94 @@ def refresh_weights(
         raise ValueError(f"max_weight={max_weight!r} must be ≥ 1 (a multiple of the mean weight 1) or inf.")
     ids, cand_scores = _validate_candidates(n, candidate_ids, candidate_scores)
 
-    old_weights = state.weights
-    old_selected = old_weights > 0
+    old_selected = state.weights > 0
     scores = state.scores.clone()
     scores[ids] = cand_scores
     is_candidate = torch.zeros(n, dtype=torch.bool)
     is_candidate[ids] = True
     stale = old_selected & ~is_candidate
-
     # Carried: selected, not rescored, with a last score from another query: kept as they are, never ranked against
     # the candidates. Ranked: the candidates alone, one query, one scale; eligible with a positive score.
     carried = stale & ~torch.isnan(scores)
+    new_selected = _select(scores, is_candidate, carried, k)
+    new_weights, fraction_clipped = _mirror_ascent(
+        state.weights, scores, new_selected, carried, weight_lr, score_clip, max_weight, sparsity
+    )
+    new_state = WeightState(new_weights, scores, state.refresh + 1)
+    info = _refresh_info(
+        cand_scores, scores, state.weights, new_weights, new_selected, carried, stale, fraction_clipped
+    )
+    return new_state, info
+
+
+def _select(scores: torch.Tensor, is_candidate: torch.Tensor, carried: torch.Tensor, k: int) -> torch.Tensor:
+    """`(n,)` bool: the carried examples and the top-`(k − carried)` candidates with a positive score."""
     slots = max(0, k - int(carried.sum()))
     eligible_ids = (is_candidate & (scores > 0)).nonzero().flatten()  # ascending index
     # Stable descending sort keeps equal scores in ascending-index order: deterministic ties, lower index first.
     order = torch.sort(scores[eligible_ids], descending=True, stable=True).indices
-    chosen = eligible_ids[order[:slots]]
     new_selected = carried.clone()
-    new_selected[chosen] = True
-    sel = new_selected.nonzero().flatten()  # ascending index, so the update below is order-independent of `k`
+    new_selected[eligible_ids[order[:slots]]] = True
+    return new_selected
 
+
+def _mirror_ascent(
+    old_weights: torch.Tensor,
+    scores: torch.Tensor,
+    new_selected: torch.Tensor,
+    carried: torch.Tensor,
+    weight_lr: float,
+    score_clip: float,
+    max_weight: float,
+    sparsity: float,
+) -> tuple[torch.Tensor, float]:
+    """The new weights `(n,)` of the selection (0 elsewhere) and the fraction of ranked scores clipped."""
+    n = old_weights.numel()
+    sel = new_selected.nonzero().flatten()  # ascending index, so the update below is order-independent of `k`
+    old_selected = old_weights > 0
     kept = new_selected & old_selected
     entrants = new_selected & ~old_selected
     start = float(old_weights[kept].mean()) if kept.any() else 1.0
 
     new_weights = torch.zeros(n, dtype=_DTYPE)
     fraction_clipped = 0.0
-    if sel.numel() > 0:
-        if weight_lr == 0.0:
-            # Selection only: carried weights would encode past updates that η_w = 0 asks not to make.
-            w = torch.ones(sel.numel(), dtype=_DTYPE)
-        else:
-            w = torch.where(entrants[sel], torch.full((sel.numel(),), start, dtype=_DTYPE), old_weights[sel])
-            # Mirror ascent (exponentiated gradient) on Σ ω s − ρ Σ √ω: the gradient is the effective score g,
-            # standardised over the ranked examples; a carried one has no score under this query, so no step.
-            ranked = ~carried[sel]
-            g = scores[sel][ranked]
-            if sparsity > 0.0:
-                g = g - sparsity / (2.0 * w[ranked].sqrt())
-            # Population std: defined (0) for one example; centred before the clip (see the module docstring).
-            std = g.std(correction=0) if g.numel() > 1 else torch.zeros((), dtype=_DTYPE)
-            z = torch.zeros_like(w)
-            if std > 0 and torch.isfinite(std):
-                raw = (g - g.mean()) / std
-                z[ranked] = raw.clamp(-score_clip, score_clip)
-                fraction_clipped = float((raw.abs() > score_clip).to(_DTYPE).mean())
-            w = w * torch.exp(weight_lr * z)
-            w = w * (w.numel() / w.sum())
-            w = _cap_to_mean_one(w, float(max_weight))
-        new_weights[sel] = w
+    if sel.numel() == 0:
+        return new_weights, fraction_clipped
+    if weight_lr == 0.0:
+        # Selection only: carried weights would encode past updates that η_w = 0 asks not to make.
+        new_weights[sel] = 1.0
+        return new_weights, fraction_clipped
+    w = torch.where(entrants[sel], torch.full((sel.numel(),), start, dtype=_DTYPE), old_weights[sel])
+    # Mirror ascent (exponentiated gradient) on Σ ω s − ρ Σ √ω: the gradient is the effective score g,
+    # standardised over the ranked examples; a carried one has no score under this query, so no step.
+    ranked = ~carried[sel]
+    g = scores[sel][ranked]
+    if sparsity > 0.0:
+        g = g - sparsity / (2.0 * w[ranked].sqrt())
+    # Population std: defined (0) for one example; centred before the clip (see the module docstring).
+    std = g.std(correction=0) if g.numel() > 1 else torch.zeros((), dtype=_DTYPE)
+    z = torch.zeros_like(w)
+    if std > 0 and torch.isfinite(std):
+        raw = (g - g.mean()) / std
+        z[ranked] = raw.clamp(-score_clip, score_clip)
+        fraction_clipped = float((raw.abs() > score_clip).to(_DTYPE).mean())
+    w = w * torch.exp(weight_lr * z)
+    w = w * (w.numel() / w.sum())
+    new_weights[sel] = _cap_to_mean_one(w, float(max_weight))
+    return new_weights, fraction_clipped
 
-    new_state = WeightState(new_weights, scores, state.refresh + 1)
 
+def _refresh_info(
+    cand_scores: torch.Tensor,
+    scores: torch.Tensor,
+    old_weights: torch.Tensor,
+    new_weights: torch.Tensor,
+    new_selected: torch.Tensor,
+    carried: torch.Tensor,
+    stale: torch.Tensor,
+    fraction_clipped: float,
+) -> dict[str, float]:
+    """`refresh_weights`' `info` (python floats and ints, for logging)."""
     if cand_scores.numel() > 0:
         q = torch.quantile(cand_scores, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=_DTYPE))
         quantiles = [float(x) for x in q]
@@ -397,16 +414,19 @@ def refresh_weights(
     else:
         quantiles = [math.nan] * 5
         fraction_positive = score_scale = score_std = math.nan
+    old_selected = old_weights > 0
+    num_selected = int(new_selected.sum())
     scored = new_selected & ~carried
     total = new_weights[scored].sum()
     predicted_gain = float((new_weights[scored] * scores[scored]).sum() / total) if total > 0 else 0.0
     entropy = weight_entropy(new_weights)
-    info = {
-        "n_candidates": int(ids.numel()),
+    selected_weights = new_weights[new_selected]
+    return {
+        "n_candidates": int(cand_scores.numel()),
         "n_stale": int(stale.sum()),
         "n_carried": int(carried.sum()),
-        "n_selected": int(sel.numel()),
-        "n_new": int(entrants.sum()),
+        "n_selected": num_selected,
+        "n_new": int((new_selected & ~old_selected).sum()),
         "n_dropped": int((old_selected & ~new_selected).sum()),
         "n_positive": int((cand_scores > 0).sum()),
         "fraction_positive": fraction_positive,
@@ -418,10 +438,9 @@ def refresh_weights(
         "score_scale": score_scale,
         "score_std": score_std,
         "entropy": entropy,
-        "effective_n": math.exp(entropy) if sel.numel() > 0 else 0.0,
-        "weight_max": float(new_weights[sel].max()) if sel.numel() > 0 else 0.0,
-        "weight_min": float(new_weights[sel].min()) if sel.numel() > 0 else 0.0,
+        "effective_n": math.exp(entropy) if num_selected > 0 else 0.0,
+        "weight_max": float(selected_weights.max()) if num_selected > 0 else 0.0,
+        "weight_min": float(selected_weights.min()) if num_selected > 0 else 0.0,
         "fraction_clipped": fraction_clipped,
         "predicted_gain": predicted_gain,
     }
-    return new_state, info

@@ -117,27 +117,8 @@ def _run_demo(config: DemoConfig) -> dict[str, Any]:
             t = time.perf_counter()
             metrics = evaluator(output.model)
             eval_seconds = time.perf_counter() - t
-            record = {
-                "name": name,
-                **{k: run[k] for k in RUN_KEYS},
-                "overrides": run["overrides"],
-                **metrics,
-                "train_loss": output.train_loss,
-                "train_seconds": train_seconds,
-                "eval_seconds": eval_seconds,
-                "cpu_seconds": time.process_time() - cpu,
-            }
-            start_point = {"step": 0, **{k: evaluator.start_metrics[k] for k in TRAJECTORY_METRICS}}
-            final_point = {"step": config.steps, **{k: metrics[k] for k in TRAJECTORY_METRICS}}
-            record["trajectory"] = [start_point, *output.trajectory, final_point]
-            if output.weights is not None:
-                record.update(selection_metrics(output.weights, kinds))
-                record["weights"] = output.weights
-            record.update(output.precision)
-            if output.history:
-                record["history"] = output.history
-            if output.trace and config.keep_traces:
-                record["trace"] = os.path.relpath(output.trace, out_dir)
+            record = _run_record(run, output, metrics, evaluator.start_metrics, config, kinds, out_dir)
+            record.update(train_seconds=train_seconds, eval_seconds=eval_seconds, cpu_seconds=time.process_time() - cpu)
             results["runs"].append(record)
             timing["training"] += train_seconds
             timing["evaluation"] += eval_seconds
@@ -148,6 +129,39 @@ def _run_demo(config: DemoConfig) -> dict[str, Any]:
     bar.close()
     if not config.keep_traces:
         shutil.rmtree(runs_dir, ignore_errors=True)
+    timing["total"] = time.perf_counter() - t0
+    # CPU time of this process: what sizes the benchmark on a shared machine, where wall time depends on the others
+    timing["cpu"] = time.process_time() - cpu0
+    _summarise(results, config, out_dir, timing, len(plan))
+    return results
+
+
+def _run_record(run, output, metrics, start_metrics, config, kinds, out_dir) -> dict[str, Any]:
+    """One run's entry of `results["runs"]`: its settings, metrics, trajectory and, for U2A, its selection."""
+    record = {
+        "name": run_name(run),
+        **{k: run[k] for k in RUN_KEYS},
+        "overrides": run["overrides"],
+        **metrics,
+        "train_loss": output.train_loss,
+    }
+    start_point = {"step": 0, **{k: start_metrics[k] for k in TRAJECTORY_METRICS}}
+    final_point = {"step": config.steps, **{k: metrics[k] for k in TRAJECTORY_METRICS}}
+    record["trajectory"] = [start_point, *output.trajectory, final_point]
+    if output.weights is not None:
+        record.update(selection_metrics(output.weights, kinds))
+        record["weights"] = output.weights
+    record.update(output.precision)
+    if output.history:
+        record["history"] = output.history
+    if output.trace and config.keep_traces:
+        record["trace"] = os.path.relpath(output.trace, out_dir)
+    return record
+
+
+def _summarise(results: dict[str, Any], config: DemoConfig, out_dir: Path, timing: dict, num_runs: int) -> None:
+    """The summary, frontier, claim and timing of `results`, and the files `table.md`, the plots and
+    `results.json`."""
     results["summary"] = summarize(
         results["runs"],
         results["start"],
@@ -160,11 +174,8 @@ def _run_demo(config: DemoConfig) -> dict[str, Any]:
     results["claim"] = claim(results["summary"])
     results["verdicts"] = verdict_lines(results["claim"])
     results["u2a_config"] = {**u2a_defaults(), **config.u2a_overrides}
-    timing["total"] = time.perf_counter() - t0
-    # CPU time of this process: what sizes the benchmark on a shared machine, where wall time depends on the others
-    timing["cpu"] = time.process_time() - cpu0
-    timing["runs"] = len(plan)
-    timing["seconds_per_run"] = (timing["training"] + timing["evaluation"]) / max(1, len(plan))
+    timing["runs"] = num_runs
+    timing["seconds_per_run"] = (timing["training"] + timing["evaluation"]) / max(1, num_runs)
     results["timing"] = timing
     (out_dir / "table.md").write_text(
         "## U2A against uniform\n\n"
@@ -180,4 +191,3 @@ def _run_demo(config: DemoConfig) -> dict[str, Any]:
     if config.plots:
         results["plots"] = make_plots(results, out_dir)
     (out_dir / "results.json").write_text(json.dumps(jsonable(results), indent=1))
-    return results

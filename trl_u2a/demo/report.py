@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from ..doc_links import docs_page
 from .config import KINDS
 from .stats import MIN_SEEDS, RECOVERY_METRICS
 
@@ -82,7 +83,7 @@ TABLE_COLUMNS = (
     ("setting", "setting", "full: full fine-tuning; lora: a LoRA adapter (r 8, alpha 16, every linear layer)"),
     ("lr", "lr", "learning rate (AdamW, constant)"),
     ("loss", "loss", "unlearning loss (dpo: the DPO baseline on positive data)"),
-    ("method", "method", "what is unlearned (docs/results.md); start: the start model"),
+    ("method", "method", f"what is unlearned ({docs_page('results')}); start: the start model"),
     ("n", "n", "seeds"),
     ("harmful", "harmful_rate", "harmful rate: share of sampled answers the judge scores ≥ 0.5, mean ± std over seeds"),
     ("Δharmful [95% CI]", "d_harmful_rate", None),

@@ -124,9 +124,6 @@ class GhostDotProduct:
         finally:
             self._edges = None
 
-    def reset(self) -> None:
-        self._scores = None
-
     def scores(self, batch_size: int | None = None, reset: bool = True) -> torch.Tensor:
         """The recorded `(B,)` fp32 scores. Zeros of `batch_size` if nothing reached a tracked module."""
         scores = self._scores

@@ -34,6 +34,7 @@ from ..core.objectives import AlignmentObjective, pair_reference_values
 from ..core.sampler import mix_seed
 from ..core.schedule import fixed_steps, refresh_rows, refresh_steps
 from ..core.weighting import refresh_weights
+from ..doc_links import docs_page
 from ..influence import (
     GhostDotProduct,
     QueryVector,
@@ -341,7 +342,8 @@ class RefreshController:
                 f"{self.pairs_later} alignment pairs + a pool of {self.pool_size} + {rescored} rescored negatives), "
                 f"{share:.0%} of the {args.reweight_steps} x {self.rows_per_step} rows trained between two refreshes, "
                 f"above reweight_overhead={args.reweight_overhead}. Leave reweight_steps=None to place the refreshes "
-                "within that bound, or raise reweight_steps or the effective batch (docs/usage.md).",
+                f"within that bound, or raise reweight_steps or the effective batch "
+                f"({docs_page('usage', 'choosing-the-knobs')}).",
             )
         return fixed_steps(max_steps, args.reweight_steps, start=self.initial_step)
 
@@ -422,7 +424,7 @@ class RefreshController:
         """`preconditioner_batches` random batches of the negatives that can be selected, each of the size of one
         global training micro-batch, this rank's share of each (padding marked): to estimate Adam's second moments."""
         host = self.host
-        eligible = torch.nonzero(host.weight_state.weights > 0).flatten()
+        eligible = torch.nonzero(host.weight_state.selected).flatten()
         size = host.args.per_device_train_batch_size * host.sharding.world
         draws = host.args.preconditioner_batches * size
         order = torch.cat(
@@ -442,23 +444,23 @@ class RefreshController:
 
         `lagged`: the ranking uses the in-training query, so the selected negatives not trained since the last refresh
         are carried rather than rescored; otherwise every selected negative is rescored with the new query."""
-        weights = self.host.weight_state.weights
+        selected = self.host.weight_state.selected
         if self.refresh_index == 0:
             # The initial weights (a `weight` column) may exclude negatives from the start
-            eligible = torch.nonzero(weights > 0).flatten()
+            eligible = torch.nonzero(selected).flatten()
             return eligible, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
         merged: dict[int, tuple] = {}
         for part in self.host.sharding.gather_object(self.fresh_scores):
             for i, entry in part.items():
                 if i not in merged or entry[0] > merged[i][0]:
                     merged[i] = entry
-        fresh_ids = torch.tensor(sorted(i for i in merged if weights[i] > 0), dtype=torch.long)
+        fresh_ids = torch.tensor(sorted(i for i in merged if selected[i]), dtype=torch.long)
         fresh_scores = torch.tensor([merged[int(i)][1] for i in fresh_ids], dtype=torch.float64)
         stale = torch.zeros(0, dtype=torch.long)
         if not lagged:
-            selected = torch.nonzero(weights > 0).flatten()
-            stale = selected[~torch.isin(selected, fresh_ids)]
-        unselected = torch.nonzero(weights <= 0).flatten()
+            selected_ids = torch.nonzero(selected).flatten()
+            stale = selected_ids[~torch.isin(selected_ids, fresh_ids)]
+        unselected = torch.nonzero(~selected).flatten()
         pool_size = min(self.pool_size, len(unselected))
         pool = unselected[torch.randperm(len(unselected), generator=generator)[:pool_size]].sort().values
         return torch.cat([stale, pool]), fresh_ids, fresh_scores

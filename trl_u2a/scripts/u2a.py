@@ -26,6 +26,7 @@ from trl import ScriptArguments, TrlParser
 from trl_u2a._quiet import progress_bars_off
 from trl_u2a.checks import check_model_source, check_output_dir, load_data_file, read_text_file
 from trl_u2a.config import INERT_KTO_FIELDS
+from trl_u2a.doc_links import docs_page
 from trl_u2a.scripts.errors import U2AUserError, run_command
 
 TINY_MODEL = "trl-u2a/tiny"
@@ -311,7 +312,8 @@ def _arrange_help(parser: argparse.ArgumentParser, config_class) -> None:
 
     own = set(inspect.get_annotations(config_class))
     group = parser.add_argument_group(
-        "U2A options", "The unlearning loss and the bi-level reweighting (docs/usage.md, 'Choosing the knobs')."
+        "U2A options",
+        f"The unlearning loss and the bi-level reweighting ({docs_page('usage', 'choosing-the-knobs')}).",
     )
     for action in parser._actions:
         if action.dest in INERT_KTO_FIELDS:
