@@ -282,7 +282,7 @@ class RefreshController:
             )
             advice = (
                 "Check that alignment_dataset's rejected responses resemble the negatives, and that the start model "
-                "is not untrained or memorised (docs/troubleshooting.md)."
+                f"is not untrained or memorised ({docs_page('troubleshooting', 'no-negative-has-a-positive-influence-score')})."
             )
             if initial and record["step"] == 0:
                 # Nothing trained yet: refusing to start loses nothing
