@@ -270,7 +270,7 @@ class U2AConfig(KTOConfig):
         if self.budget > 1 and self.budget != int(self.budget):
             raise ValueError(
                 f"budget={self.budget} is neither a fraction in (0, 1] nor a whole count of negatives; use e.g. "
-                f"{int(self.budget)} or 0.5."
+                f"{max(round(self.budget), 2)} (negatives) or 0.5 (a fraction; 1 means all)."
             )
         _check_finite("reweight_overhead", self.reweight_overhead)
         if not 0 < self.reweight_overhead <= 10:

@@ -184,6 +184,23 @@ def check_preference(dataset: Dataset, name: str = "alignment_dataset") -> Datas
     return dataset
 
 
+def format_mismatch(train_dataset: Dataset, alignment_dataset: Dataset) -> str | None:
+    """A warning when one of the two sets is conversational and the other plain text, or None. The chat template then
+    formats one of them only, so `J`'s gradient is taken on text shaped unlike the negatives it scores."""
+    from trl.data_utils import is_conversational
+
+    if len(train_dataset) == 0 or len(alignment_dataset) == 0:
+        return None
+    kinds = ["conversational" if is_conversational(d[0]) else "plain text" for d in (train_dataset, alignment_dataset)]
+    if kinds[0] == kinds[1]:
+        return None
+    return (
+        f"train_dataset is {kinds[0]} but alignment_dataset is {kinds[1]}: only the conversational one goes through "
+        "the chat template, so the influence scores compare texts formatted differently. Give both sets in the same "
+        "format (docs/usage.md, 'Data')."
+    )
+
+
 def tokenize_prompt_completion(tokenizer, prompt: Any, completion: Any) -> tuple[list[int], list[int]]:
     """Tokenize like TRL: chat template for conversational rows (generation prompt on the prompt), EOS appended to
     standard completions; the completion starts where prompt and prompt+completion token ids diverge."""

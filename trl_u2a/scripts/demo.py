@@ -18,16 +18,36 @@ import sys
 
 
 def make_parser() -> argparse.ArgumentParser:
+    try:
+        from trl_u2a.demo.config import DemoConfig
+    except ImportError:  # the package imports the [demo] extra; `cli` then names what is missing
+        presets = {}
+    else:
+        presets = {"": DemoConfig.reduced(), "--full: ": DemoConfig.full(), "--quick: ": DemoConfig.quick()}
+
+    def defaults(name: str) -> str:
+        """The value of `name` in each preset: "(default: 0; --full: 0 1 ... 9; --quick: 0)"."""
+        if not presets:
+            return ""
+        shown = []
+        for label, config in presets.items():
+            value = getattr(config, name)
+            words = [str(v) for v in value] if isinstance(value, tuple) else [str(value)]
+            shown.append(label + " ".join(words if len(words) <= 4 else [*words[:2], "...", words[-1]]))
+        return f" (default: {'; '.join(shown)})"
+
     parser = argparse.ArgumentParser(
         prog="trl-u2a demo",
         description=(
             "Offline end-to-end benchmark on a built-in synthetic assistant task: train a tiny misaligned start "
             "model, unlearn its negatives with U2A and with the baselines (uniform, random subset, oracle, DPO), and "
             "report harmful rate (alt-profanity-check), alignment loss, preference accuracy, retain perplexity and "
-            "selection precision."
+            "selection precision. Without --full or --quick: one seed, every core method, a few minutes."
         ),
     )
-    parser.add_argument("--output_dir", default="u2a-demo", help="Where results.json, table.md and the plots go.")
+    parser.add_argument(
+        "--output_dir", default="u2a-demo", help="Where results.json, table.md and the plots go (default: %(default)s)."
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--full",
@@ -35,15 +55,28 @@ def make_parser() -> argparse.ArgumentParser:
         help="The full comparison: 10 seeds, both settings, uniform/random/oracle/u2a (about 25-30 min).",
     )
     mode.add_argument("--quick", action="store_true", help="A smoke test in about a minute; the numbers mean nothing.")
-    parser.add_argument("--seeds", type=int, nargs="+", help="Seeds (data, start model, training).")
+    parser.add_argument("--seeds", type=int, nargs="+", help=f"Seeds (data, start model, training){defaults('seeds')}.")
     parser.add_argument(
-        "--settings", nargs="+", choices=["full", "lora"], help="Full fine-tuning and/or a LoRA adapter."
+        "--settings",
+        nargs="+",
+        choices=["full", "lora"],
+        help=f"Full fine-tuning and/or a LoRA adapter{defaults('settings')}.",
     )
-    parser.add_argument("--learning_rates", type=float, nargs="+", help="Learning rates of full fine-tuning.")
-    parser.add_argument("--lora_learning_rates", type=float, nargs="+", help="Learning rates of the LoRA setting.")
-    parser.add_argument("--steps", type=int, help="Optimizer steps of every method.")
     parser.add_argument(
-        "--cache_dir", help="Cache of trained start models (default $TRL_U2A_CACHE or ~/.cache/trl-u2a)."
+        "--learning_rates",
+        type=float,
+        nargs="+",
+        help=f"Learning rates of full fine-tuning{defaults('learning_rates')}.",
+    )
+    parser.add_argument(
+        "--lora_learning_rates",
+        type=float,
+        nargs="+",
+        help=f"Learning rates of the LoRA setting{defaults('lora_learning_rates')}.",
+    )
+    parser.add_argument("--steps", type=int, help=f"Optimizer steps of every method{defaults('steps')}.")
+    parser.add_argument(
+        "--cache_dir", help="Cache of trained start models (default: $TRL_U2A_CACHE or ~/.cache/trl-u2a)."
     )
     parser.add_argument("--no_plots", action="store_true", help="Skip the PNG plots.")
     parser.add_argument("--no_progress", action="store_true", help="No progress bars.")

@@ -373,7 +373,8 @@ def cli(argv: list[str] | None = None):
         # Every rank gets the Ctrl-C; one message is enough
         if os.environ.get("RANK", "0") == "0":
             world_size = int(os.environ.get("WORLD_SIZE", "1"))
-            print(interrupt_message(training_args.output_dir, argv, world_size), file=sys.stderr)
+            # On a line of its own: the progress bar's line has no newline yet
+            print("\n" + interrupt_message(training_args.output_dir, argv, world_size), file=sys.stderr)
         raise SystemExit(130) from None
 
 

@@ -1,0 +1,106 @@
+"""What a user reads on the console besides errors: warnings without stray source lines, a resume without a false
+"missing keys" alarm, a budget hint that means what it says, a warning for a launch that runs one process, and for
+training data and alignment pairs in different formats, and `demo --help` with its defaults."""
+
+import logging
+import warnings
+from types import SimpleNamespace
+
+import pytest
+from conftest import CHOSEN, PROMPTS, REJECTED, cpu_args
+from datasets import Dataset
+
+from trl_u2a import U2ATrainer
+from trl_u2a.data import format_mismatch
+from trl_u2a.distributed import accelerate_ran_one_of_several, check_process_count
+from trl_u2a.scripts.errors import run_command
+
+
+def test_budget_hint_gives_a_count_and_a_fraction(tmp_path):
+    # "use e.g. 1" used to be suggested for 1.5, but budget 1 is the fraction 1.0: every negative
+    with pytest.raises(ValueError, match=r"budget=1.5 .* use e\.g\. 2 \(negatives\) or 0\.5 \(a fraction; 1 means all\)"):
+        cpu_args(tmp_path, budget=1.5)
+    with pytest.raises(ValueError, match=r"use e\.g\. 7 \(negatives\)"):
+        cpu_args(tmp_path, budget=7.2)
+
+
+def test_warnings_on_the_console_have_no_source_line():
+    shown_during = []
+
+    def command(argv):
+        # How Python would show a warning raised at `params = tracked_parameters(model)`
+        shown_during.append(warnings.formatwarning("5 tensors are not hooked", UserWarning, "query.py", 148, "params"))
+        return 0
+
+    shown = warnings.formatwarning
+    assert run_command("train", command, []) == 0
+    assert shown_during == ["UserWarning: 5 tensors are not hooked\n"]
+    assert warnings.formatwarning is shown  # restored for whatever runs after the command
+
+
+def test_resume_of_tied_weights_does_not_warn_about_missing_keys(tiny_model_path, tmp_path, caplog):
+    trainer = U2ATrainer(
+        model=tiny_model_path,
+        args=cpu_args(tmp_path),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS, "completion": REJECTED}),
+    )
+    assert trainer.model.lm_head.weight is trainer.model.model.embed_tokens.weight  # tied
+    with caplog.at_level(logging.WARNING):
+        trainer._issue_warnings_after_load(SimpleNamespace(missing_keys=["lm_head.weight"], unexpected_keys=[]))
+        assert "missing keys" not in caplog.text
+        # A key that nothing else holds is still reported
+        missing = ["lm_head.weight", "model.norm.weight"]
+        trainer._issue_warnings_after_load(SimpleNamespace(missing_keys=missing, unexpected_keys=[]))
+    assert "There were missing keys in the checkpoint model loaded: ['model.norm.weight']" in caplog.text
+
+
+def test_accelerate_simple_launcher_with_several_processes_warns(monkeypatch, caplog):
+    from accelerate import PartialState
+
+    PartialState()
+    accelerator = SimpleNamespace(
+        num_processes=1,
+        device="cpu",
+        state=SimpleNamespace(distributed_type="DistributedType.NO", mixed_precision="no"),
+    )
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "False")
+    assert not accelerate_ran_one_of_several()  # `--num_processes 1`: no MASTER_ADDR
+    # What `accelerate launch --num_processes 2` without --multi_gpu sets on a machine without a GPU
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert accelerate_ran_one_of_several()
+    with caplog.at_level(logging.WARNING):
+        check_process_count(accelerator)
+    assert "asked for several processes but started one" in caplog.text and "--multi_gpu" in caplog.text
+
+
+def test_conversational_training_data_beside_plain_text_pairs_warns(tiny_model_path, tmp_path, caplog):
+    pairs = Dataset.from_dict({"prompt": PROMPTS, "chosen": CHOSEN, "rejected": REJECTED})
+    plain = Dataset.from_dict({"prompt": PROMPTS, "completion": REJECTED})
+    chat = Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": p}] for p in PROMPTS],
+            "completion": [[{"role": "assistant", "content": r}] for r in REJECTED],
+        }
+    )
+    assert format_mismatch(plain, pairs) is None
+    assert format_mismatch(chat, pairs).startswith(
+        "train_dataset is conversational but alignment_dataset is plain text"
+    )
+    with caplog.at_level(logging.WARNING):
+        U2ATrainer(model=tiny_model_path, args=cpu_args(tmp_path), train_dataset=chat, alignment_dataset=pairs)
+    assert "train_dataset is conversational but alignment_dataset is plain text" in caplog.text
+
+
+def test_demo_help_shows_the_defaults_of_each_preset(capsys):
+    from trl_u2a.demo import DemoConfig
+    from trl_u2a.scripts.demo import make_parser
+
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    reduced, quick = DemoConfig.reduced(), DemoConfig.quick()
+    assert f"(default: {reduced.steps}; --full: {DemoConfig.full().steps}; --quick: {quick.steps})" in out
+    assert f"(default: {reduced.lora_learning_rates[0]};" in out and "--full: 0 1 ... 9" in out
+    assert "(default: u2a-demo)" in out
