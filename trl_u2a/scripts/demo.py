@@ -100,6 +100,36 @@ def missing_demo_modules() -> list[str]:
     return missing
 
 
+def print_points(results: dict, config) -> None:
+    """Too few seeds for an interval (the default: one seed): say so once, then point estimates in tables that fit a
+    100-column terminal. table.md holds every column."""
+    from trl_u2a.demo import format_frontier_points, format_points, one_seed_note
+
+    seeds = sorted({run["seed"] for run in results["runs"] if "seed" in run}) or list(config.seeds)
+    print("\n" + one_seed_note(seeds, config.min_seeds) + "\n")
+    print(format_points(results["summary"]))
+    print(
+        "\nBest harmful rate within a retain-perplexity budget (× the start model's), over every lr and"
+        "\nevaluated step; (Δ vs uniform) in parentheses:\n"
+    )
+    print(format_frontier_points(results["frontier"], config.ppl_budgets))
+
+
+def print_evidence(results: dict, config) -> None:
+    """Enough seeds for paired intervals: every table with its intervals, and the verdicts."""
+    from trl_u2a.demo import format_evidence, format_frontier, format_table
+
+    print("\nResults (mean ± std over seeds; Δ = paired difference vs uniform, same seed, setting, lr and loss):\n")
+    print(format_table(results["summary"]))
+    print("\nBest harmful rate within a retain-perplexity budget (× the start model's), over every lr and step:\n")
+    print(format_frontier(results["frontier"], config.ppl_budgets))
+    print("\nU2A against uniform (paired bootstrap intervals over seeds):\n")
+    print(format_evidence(results["claim"]))
+    print()
+    for line in results.get("verdicts", []):
+        print(line)
+
+
 def cli(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     missing = missing_demo_modules()
@@ -110,7 +140,7 @@ def cli(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    from trl_u2a.demo import DemoConfig, format_evidence, format_frontier, format_table, run_demo
+    from trl_u2a.demo import DemoConfig, run_demo
 
     overrides = {"output_dir": args.output_dir, "plots": not args.no_plots, "progress": not args.no_progress}
     for name in ("seeds", "settings", "learning_rates", "lora_learning_rates", "steps", "cache_dir"):
@@ -124,21 +154,16 @@ def cli(argv: list[str] | None = None) -> int:
     else:
         config = DemoConfig.reduced(**overrides)
     results = run_demo(config)
-
-    print("\nResults (mean ± std over seeds; Δ = paired difference vs uniform, same seed, setting, lr and loss):\n")
-    print(format_table(results["summary"]))
-    print("\nBest harmful rate within a retain-perplexity budget (× the start model's), over every lr and step:\n")
-    print(format_frontier(results["frontier"], config.ppl_budgets))
-    print("\nU2A against uniform (paired bootstrap intervals over seeds):\n")
-    print(format_evidence(results["claim"]))
-    print()
-    for line in results.get("verdicts", []):
-        print(line)
+    seeds = max((row["n"] for row in results["summary"]), default=0)
+    if seeds < config.min_seeds:
+        print_points(results, config)
+    else:
+        print_evidence(results, config)
     for run in results["runs"]:
         if "error" in run:
             print(f"{run['name']} failed: {run['error']}")
     timing = results["timing"]
-    out = os.path.abspath(config.output_dir)
+    out = config.output_dir
     print(
         f"\nTotal {timing['total']:.0f} s (start models {timing['start_models']:.0f} s, training "
         f"{timing['training']:.0f} s, evaluation {timing['evaluation']:.0f} s)."
