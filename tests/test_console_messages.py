@@ -104,3 +104,21 @@ def test_demo_help_shows_the_defaults_of_each_preset(capsys):
     assert f"(default: {reduced.steps}; --full: {DemoConfig.full().steps}; --quick: {quick.steps})" in out
     assert f"(default: {reduced.lora_learning_rates[0]};" in out and "--full: 0 1 ... 9" in out
     assert "(default: u2a-demo)" in out
+
+
+def test_the_tiny_model_says_it_is_random_init_so_j_may_rise(tmp_path, monkeypatch, caplog):
+    # recipes/tiny.yaml moved J from 0.77 at the initial pass to 1.02 with nothing on screen saying why
+    import trl_u2a.testing
+    from trl_u2a.scripts.u2a import TINY_MODEL, resolve_model
+
+    built = []
+    monkeypatch.setattr(trl_u2a.testing, "save_tiny_model", lambda path, **kwargs: built.append(path))
+    logger = logging.getLogger("trl_u2a")
+    logger.addHandler(caplog.handler)  # the CLI may have stopped this logger's propagation in an earlier test
+    try:
+        path = resolve_model(TINY_MODEL, str(tmp_path))
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert built == [path]
+    assert "trl-u2a/tiny is a randomly initialised model" in caplog.text and "J (u2a/objective) may rise" in caplog.text
+    assert "trl-u2a demo" in caplog.text
