@@ -317,8 +317,8 @@ class RefreshController:
             self._say(
                 logging.INFO,
                 f"U2A: {len(steps)} refreshes after the initial pass, after steps {steps} of {max_steps} (each about "
-                f"{rows} row passes; in all at most {args.reweight_overhead:.0%} of the training's row passes, a bound on "
-                "work: their share of the wall time can differ a little).",
+                f"{rows} row passes; in all at most {args.reweight_overhead:.0%} of the training's row passes, a bound "
+                "on work: their share of the wall time can differ a little).",
             )
             return steps
         share = rows / (args.reweight_steps * self.rows_per_step)
