@@ -121,8 +121,9 @@ MODEL_REQUIRED = (
 
 
 def check_model_name(name_or_path: str | None) -> None:
-    """A `U2AUserError` naming `--model_name_or_path` when it is missing, or is a local path (not a valid hub id, or
-    an existing file) that is no directory: `from_pretrained` would report either far from the cause."""
+    """A `U2AUserError` naming `--model_name_or_path` when it is missing, or is a local path (not a valid hub id, an
+    existing file, or under an existing local folder) that is no directory: `from_pretrained` would report either far
+    from the cause."""
     if not name_or_path:
         raise U2AUserError(MODEL_REQUIRED)
     if name_or_path == TINY_MODEL or os.path.isdir(name_or_path):
@@ -131,7 +132,8 @@ def check_model_name(name_or_path: str | None) -> None:
 
     try:
         validate_repo_id(name_or_path)
-        is_hub_id = not os.path.exists(name_or_path)
+        # `runs/tny` beside a local `runs/` folder is a mistyped path, not the hub id of an organisation `runs`
+        is_hub_id = not os.path.exists(name_or_path) and not os.path.isdir(name_or_path.split("/")[0])
     except HFValidationError:
         is_hub_id = False
     if not is_hub_id:
