@@ -123,3 +123,29 @@ def test_the_tiny_model_says_it_is_random_init_so_j_may_rise(tmp_path, monkeypat
     assert built == [path]
     assert "trl-u2a/tiny is a randomly initialised model" in caplog.text and "J (u2a/objective) may rise" in caplog.text
     assert "trl-u2a demo" in caplog.text
+
+
+def test_train_with_nothing_to_select_after_the_warm_up_saves_and_says_why(tiny_model_path, tmp_path, capsys):
+    """The late error that lost a run: `trl-u2a train` now ends normally, with the reason on screen, the model saved
+    and the final record written."""
+    import json
+
+    from trl_u2a.cli import main
+
+    negatives, pairs = tmp_path / "negatives.jsonl", tmp_path / "pairs.jsonl"
+    # Every negative is a chosen answer of the alignment set: unlearning any of them is predicted to raise J
+    negatives.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in zip(PROMPTS, CHOSEN)))
+    pairs.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n"
+                             for p, c, r in zip(PROMPTS, CHOSEN, REJECTED)))  # fmt: skip
+    out = tmp_path / "run"
+    argv = ["train", "--model_name_or_path", tiny_model_path, "--dataset_name", str(negatives),
+            "--alignment_dataset_name", str(pairs), "--output_dir", str(out), "--use_cpu", "--bf16", "false", "--gradient_checkpointing", "false",
+            "--loss_type", "ga", "--preconditioner", "identity", "--max_steps", "8", "--reweight_warmup_steps", "2",
+            "--per_device_train_batch_size", "4", "--max_length", "64", "--report_to", "none", "--save_strategy", "no",
+            "--disable_tqdm", "true", "--save_refresh_plots", "false"]  # fmt: skip
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "U2A early stop at step 2: no negative has a positive influence score at the initial pass" in captured.err
+    assert f"Model saved to {out}." in captured.out and (out / "model.safetensors").exists()
+    records = [json.loads(line) for line in (out / "u2a_refreshes.jsonl").read_text().splitlines()]
+    assert records[-1]["final"] and records[-1]["step"] == 2
