@@ -139,7 +139,8 @@ def test_train_with_nothing_to_select_after_the_warm_up_saves_and_says_why(tiny_
                              for p, c, r in zip(PROMPTS, CHOSEN, REJECTED)))  # fmt: skip
     out = tmp_path / "run"
     argv = ["train", "--model_name_or_path", tiny_model_path, "--dataset_name", str(negatives),
-            "--alignment_dataset_name", str(pairs), "--output_dir", str(out), "--use_cpu", "--bf16", "false", "--gradient_checkpointing", "false",
+            "--alignment_dataset_name", str(pairs), "--output_dir", str(out), "--use_cpu", "--bf16", "false",
+            "--gradient_checkpointing", "false",
             "--loss_type", "ga", "--preconditioner", "identity", "--max_steps", "8", "--reweight_warmup_steps", "2",
             "--per_device_train_batch_size", "4", "--max_length", "64", "--report_to", "none", "--save_strategy", "no",
             "--disable_tqdm", "true", "--save_refresh_plots", "false"]  # fmt: skip
