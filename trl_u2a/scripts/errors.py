@@ -25,6 +25,7 @@ _NUMERIC_CODE = re.compile(r"[/\\](site|dist)-packages[/\\](torch|numpy)[/\\]")
 
 
 def debug_enabled() -> bool:
+    """Whether `TRL_U2A_DEBUG` asks for tracebacks of user errors too (any value but empty, 0, false or no)."""
     return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
