@@ -82,7 +82,9 @@ def pooled(results: list[dict], min_seeds: int) -> list[dict]:
         if r["method"] == "uniform":
             uniform_time[(r["seed"], r["setting"], r["loss"])] = r["train_seconds"]
     for row in rows:
-        members = [r for r in runs if (r["setting"], r["loss"], r["method"]) == (row["setting"], row["loss"], row["method"])]
+        members = [
+            r for r in runs if (r["setting"], r["loss"], r["method"]) == (row["setting"], row["loss"], row["method"])
+        ]
         coverage, ratio = [], []
         for r in members:
             harmful = [i for i, kind in enumerate(kinds[str(r["seed"])]) if kind == "harmful"]

@@ -43,7 +43,7 @@ def test_user_errors_are_one_line_with_exit_code_2_in_every_subcommand(capsys, t
     assert expected in one_error_line(capsys, argv[0])
 
 
-def test_model_argument_checks_name_the_option(tmp_path):
+def test_model_argument_checks_name_the_option(tmp_path, monkeypatch):
     with pytest.raises(U2AUserError, match="--model_name_or_path is required"):
         check_model_name(None)
     file = tmp_path / "model.bin"
@@ -54,6 +54,11 @@ def test_model_argument_checks_name_the_option(tmp_path):
         check_model_name("a/b/c")
     for valid in ("Qwen/Qwen2.5-0.5B-Instruct", "trl-u2a/tiny", str(tmp_path)):
         check_model_name(valid)
+    # A typo under a local folder is a path, not the hub id of an organisation named like the folder
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="'runs/tny': no such directory"):
+        check_model_name("runs/tny")
 
 
 def test_a_bug_keeps_its_traceback_and_debug_shows_a_user_errors():

@@ -105,7 +105,9 @@ def test_the_retain_sample_streams_and_its_nll_is_unchanged(trainer):
     total, count = torch.zeros((), dtype=torch.float64), 0
     with torch.no_grad():
         for batch in listed_batches(trainer, trainer.retain_rows, 2, model_device(model)):
-            logps, lengths = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+            logps, lengths = sequence_logps(
+                model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+            )
             total += (-logps / lengths.clamp(min=1)).sum().double()
             count += len(logps)
     assert streamed == float(total / count)

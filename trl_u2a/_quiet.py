@@ -10,6 +10,9 @@ import warnings
 # bitsandbytes >= 0.50 on a CPU with AVX512-BF16 logs this at import when the optional `kernels` package is absent,
 # then falls back to its own kernel: nothing is wrong, and every run printed it
 _BNB_KERNELS = re.compile(r"Failed to load CPU gemm_4bit_forward from kernels-community")
+# With HF_HUB_OFFLINE=1 and `kernels` installed, the same import first logs this from kernels (trust was checked when
+# the kernel was downloaded; offline it cannot be, and nothing asks anything of the user)
+_BNB_KERNEL_TRUST = re.compile(r"Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'")
 # DeepSpeed, imported by accelerate/TRL whenever it is installed, logs this on every machine without a GPU
 _DEEPSPEED_CPU = re.compile(r"Setting accelerator to CPU\. If you have GPU or other accelerator")
 
@@ -26,7 +29,11 @@ class _DropMessage(logging.Filter):
 def install() -> None:
     """Idempotent: a filter is added once per logger."""
     # The loggers are created now if those libraries are not imported yet; they keep the filter when they are
-    for name, pattern in (("bitsandbytes.backends.cpu.ops", _BNB_KERNELS), ("DeepSpeed", _DEEPSPEED_CPU)):
+    for name, pattern in (
+        ("bitsandbytes.backends.cpu.ops", _BNB_KERNELS),
+        ("kernels._internals.hf_hub", _BNB_KERNEL_TRUST),
+        ("DeepSpeed", _DEEPSPEED_CPU),
+    ):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessage) for f in logger.filters):
             logger.addFilter(_DropMessage(pattern))

@@ -111,7 +111,12 @@ def check_model_source(name_or_path: str, flag: str = "model_name_or_path") -> N
         return
     if os.path.exists(name_or_path):
         raise NotADirectoryError(f"{flag} {name_or_path!r} is a file; expected a model folder or a hub id.")
-    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    # `runs/tny` beside a local `runs/` folder is a mistyped path, not the hub id of an organisation `runs`
+    looks_local = (
+        name_or_path.startswith((".", "/", "~"))
+        or name_or_path.count("/") > 1
+        or os.path.isdir(name_or_path.split("/")[0])
+    )
     try:
         validate_repo_id(name_or_path)
     except HFValidationError:

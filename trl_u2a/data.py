@@ -19,6 +19,8 @@ import torch
 from datasets import Dataset
 from trl.data_utils import extract_prompt, is_conversational
 
+from .doc_links import docs_page
+
 NEGATIVE_ID = "negative_id"
 TRAIN_COLUMNS = ["prompt_ids", "completion_ids", "label", NEGATIVE_ID, "weight", "ref_logps"]
 
@@ -273,6 +275,23 @@ def check_tokenizer(tokenizer, name: str = "processing_class") -> int:
         f"{name} ({type(tokenizer).__name__}) has neither a pad token nor an EOS token (pad_token=None, "
         "eos_token=None); expected at least one, to pad batches and end completions. Set one, e.g. "
         "tokenizer.add_special_tokens({'pad_token': '<pad>'}) and model.resize_token_embeddings(len(tokenizer))."
+    )
+
+
+def format_mismatch(train_dataset: Dataset, alignment_dataset: Dataset) -> str | None:
+    """A warning when one of the two sets is conversational and the other plain text, or None. The chat template then
+    formats one of them only, so `J`'s gradient is taken on text shaped unlike the negatives it scores."""
+    from trl.data_utils import is_conversational
+
+    if len(train_dataset) == 0 or len(alignment_dataset) == 0:
+        return None
+    kinds = ["conversational" if is_conversational(d[0]) else "plain text" for d in (train_dataset, alignment_dataset)]
+    if kinds[0] == kinds[1]:
+        return None
+    return (
+        f"train_dataset is {kinds[0]} but alignment_dataset is {kinds[1]}: only the conversational one goes through "
+        "the chat template, so the influence scores compare texts formatted differently. Give both sets in the same "
+        f"format ({docs_page('usage', 'data')})."
     )
 
 

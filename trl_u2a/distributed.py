@@ -47,8 +47,23 @@ def check_process_count(accelerator) -> None:
             "and launch with --multi_gpu --num_processes N; with GPUs, check that CUDA is visible to every rank "
             f"({docs_page('troubleshooting', 'a-multi-process-run-is-really-independent-processes')})."
         )
+    if launched == 1 and accelerate_ran_one_of_several():
+        logger.warning(
+            "accelerate launch was asked for several processes but started one: without --multi_gpu its simple "
+            "launcher runs a single process, which trains alone. For N processes on a machine without a GPU, launch "
+            "with --multi_gpu --num_processes N and ACCELERATE_USE_CPU=true (docs/usage.md, 'Multi-GPU with "
+            "accelerate').",
+            main_process_only=True,
+        )
     logger.info(
         f"U2A: {accelerator.num_processes} process(es), distributed type {state.distributed_type}, mixed precision "
         f"{state.mixed_precision}, device {accelerator.device}.",
         main_process_only=True,
     )
+
+
+def accelerate_ran_one_of_several() -> bool:
+    """Whether `accelerate launch --num_processes N` (N > 1) ran this script through its simple launcher, one
+    process: that launcher sets `ACCELERATE_USE_CPU` always, and `MASTER_ADDR` for N > 1, but no `WORLD_SIZE`."""
+    env = os.environ
+    return "ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env and "WORLD_SIZE" not in env

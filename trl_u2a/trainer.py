@@ -14,6 +14,7 @@ import os
 import textwrap
 from collections import defaultdict
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -226,6 +227,9 @@ class U2ATrainer(KTOTrainer):
             train_dataset = u2a_data.to_unpaired(train_dataset, "train_dataset", num_proc=args.dataset_num_proc)
         if alignment_dataset is not None:
             alignment_dataset = u2a_data.check_preference(alignment_dataset, "alignment_dataset")
+            mismatch = u2a_data.format_mismatch(train_dataset, alignment_dataset)
+            if mismatch is not None:
+                logger.warning(mismatch, main_process_only=True)
         return train_dataset, alignment_dataset
 
     def _build_kto_trainer(self, args, **kto_inputs) -> None:
@@ -718,3 +722,18 @@ class U2ATrainer(KTOTrainer):
         state = load_checkpoint_state(resume_from_checkpoint)
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         self.load_u2a_state_dict(state)
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        # A checkpoint leaves out a tied weight (`lm_head.weight` under tied embeddings): it shares the tensor of a key
+        # that was loaded, so the resume is exact and transformers' "missing keys" warning would only alarm
+        missing = set(load_result.missing_keys)
+        if missing:
+            names_by_tensor = defaultdict(set)
+            for name, parameter in self.model.named_parameters(remove_duplicate=False):
+                names_by_tensor[id(parameter)].add(name)
+            tied = {name for names in names_by_tensor.values() if names - missing for name in names & missing}
+            load_result = SimpleNamespace(
+                missing_keys=[key for key in load_result.missing_keys if key not in tied],
+                unexpected_keys=load_result.unexpected_keys,
+            )
+        super()._issue_warnings_after_load(load_result)

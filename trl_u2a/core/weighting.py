@@ -60,7 +60,10 @@ def check_budget(budget: float) -> float:
     if math.isnan(value) or value <= 0.0:
         raise ValueError(f"budget={budget!r} selects nothing; pass {_BUDGET_FORMS}.")
     if value > 1.0 and (math.isinf(value) or value != math.floor(value)):
-        raise ValueError(f"budget={budget!r} is above 1 but not a whole count; pass {_BUDGET_FORMS}.")
+        raise ValueError(
+            f"budget={budget!r} is above 1 but not a whole count; pass {_BUDGET_FORMS}: e.g. "
+            f"{max(round(value), 2) if math.isfinite(value) else 100} (negatives) or 0.5 (a fraction; 1 means all)."
+        )
     return value
 
 

@@ -44,7 +44,15 @@ from .metrics import DemoEvaluator, degenerate, refresh_precision, selection_met
 from .models import MemorisedStartModelError, StartModel, default_cache_dir, load_task, start_model
 from .pipeline import run_demo
 from .plots import make_plots, plot_harm_vs_ppl, plot_refreshes_by_kind, plot_trajectories, read_trace
-from .report import format_evidence, format_frontier, format_table, verdict_lines
+from .report import (
+    format_evidence,
+    format_frontier,
+    format_frontier_points,
+    format_points,
+    format_table,
+    one_seed_note,
+    verdict_lines,
+)
 from .runs import (
     RunOutput,
     dpo_pairs,
@@ -87,7 +95,10 @@ __all__ = [
     "dpo_pairs",
     "format_evidence",
     "format_frontier",
+    "format_frontier_points",
+    "format_points",
     "format_table",
+    "one_seed_note",
     "frontier",
     "load_task",
     "lora_config",

@@ -101,12 +101,14 @@ def plot_harm_vs_ppl(summary: list[dict[str, Any]], path: Path) -> Path:
 
 def plot_trajectories(runs: list[dict[str, Any]], path: Path) -> Path:
     """Harm against retain perplexity along training (every evaluation step), one row of panels per setting, one
-    panel per loss, one line per method and learning rate (mean over seeds); line width grows with the learning
-    rate."""
+    panel per loss, one line per method and learning rate (mean over seeds), from the start model (★) to a large dot
+    at the last step. Each row has its own legend: the settings train at different learning rates, which a line style
+    tells apart within a row."""
     core = ("uniform", "random", "oracle", "u2a", "u2a-select", "u2a-fisher", "dpo")
     runs = [r for r in runs if "error" not in r]
     losses = [loss for loss in LOSSES if any(r["loss"] == loss for r in runs)]
     settings = [s for s in SETTINGS if any(r.get("setting", "full") == s for r in runs)] or ["full"]
+    has_dpo = any(r["method"] == "dpo" for r in runs)
     ncols = max(1, len(losses))
     fig, axes = plt.subplots(len(settings), ncols, figsize=(5.5 * ncols, 4.5 * len(settings)), squeeze=False)
     for row_axes, setting in zip(axes, settings):
@@ -114,43 +116,44 @@ def plot_trajectories(runs: list[dict[str, Any]], path: Path) -> Path:
         lrs = sorted({r["lr"] for r in in_setting})
         for ax, loss in zip(row_axes, losses):
             _plot_trajectory_panel(ax, in_setting, lrs, loss, core)
-            ax.set(title=f"{setting}: loss {loss} (dpo in every panel)")
-    # Each setting has its own learning rates: the legend gathers the lines of every panel
-    legend: dict[str, Any] = {}
-    for ax in axes.flat:
-        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
-    fig.legend(legend.values(), legend.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
-    fig.suptitle("Harm vs utility along training (start model at the left end of every line)")
+            ax.set(title=f"{setting}: loss {loss}" + (" (dpo in every panel)" if has_dpo else ""))
+        legend: dict[str, Any] = {}
+        for ax in row_axes:
+            legend.update(zip(*reversed(ax.get_legend_handles_labels())))
+        row_axes[-1].legend(legend.values(), legend.keys(), loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7)
+    title = "Harm vs utility along training: every line starts at the start model (★) and ends at its large dot"
+    if has_dpo:
+        title += "; dpo also lowers the retain perplexity, so its lines may run left of ★"
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
+_LINE_STYLES = ("-", "--", ":", "-.")
+
+
 def _plot_trajectory_panel(ax, runs, lrs, loss, core) -> None:
     """One panel of `plot_trajectories`: every method and learning rate of `loss` (and dpo), mean over seeds."""
+    start = None
     for method in core:
         for j, lr in enumerate(lrs):
             members = [r for r in runs if r["lr"] == lr and r["method"] == method]
             members = [r for r in members if r["loss"] == loss or method == "dpo"]
-            if not members:
-                continue
             members = [r for r in members if r.get("trajectory")]
             if not members:
                 continue
             length = min(len(r["trajectory"]) for r in members)
             xs = [mean_std([r["trajectory"][i]["retain_ppl"] for r in members])[0] for i in range(length)]
             ys = [mean_std([r["trajectory"][i]["harmful_rate"] for r in members])[0] for i in range(length)]
-            ax.plot(
-                xs,
-                ys,
-                "o-",
-                color=_COLORS[method],
-                lw=0.8 + 1.2 * j,
-                ms=3,
-                alpha=0.8,
-                label=f"{method} lr {lr:g}",
-            )
+            start = start or (xs[0], ys[0])  # step 0 is the start model in every run
+            label = method if len(lrs) == 1 else f"{method}, lr {lr:g}"
+            style = _LINE_STYLES[j % len(_LINE_STYLES)]
+            ax.plot(xs, ys, style, marker="o", color=_COLORS[method], lw=1.2, ms=3, alpha=0.8, label=label)
+            ax.plot(xs[-1], ys[-1], "o", color=_COLORS[method], ms=7, alpha=0.9)
+    if start is not None:
+        ax.plot(*start, "k*", ms=14, zorder=5, label="start model")
     _ppl_axis(ax)
     ax.set(xlabel="retain perplexity", ylabel="harmful rate")
     ax.grid(alpha=0.3)
@@ -182,39 +185,51 @@ def read_trace(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def plot_refreshes_by_kind(run: dict[str, Any], trace: list[dict[str, Any]], kinds: Sequence[str], path: Path) -> Path:
-    """Scores and weights of the negatives over the refreshes of one U2A run, by kind (the demo knows each negative's
-    kind), and `J` per refresh (`trl_u2a.plots.plot_objective`, as in the library's own refresh plots)."""
+    """Scores and weights of the negatives at each refresh of one U2A run, by kind (the demo knows each negative's
+    kind), and `J` (`trl_u2a.plots.plot_objective`, as in the library's own refresh plots). Every panel counts
+    optimizer steps; a refresh's tick also names it and how many negatives it scored (the initial pass scores every
+    negative, a later refresh the exploration pool and the negatives trained since)."""
     colors = {"harmful": "tab:red", "low_quality": "tab:orange", "near_copy": "tab:blue"}
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     refreshes = sorted({rec["refresh"] for rec in trace if "refresh" in rec})
+    step_of = {rec["refresh"]: rec["step"] for rec in trace if "refresh" in rec and "step" in rec}
+    steps = [step_of.get(k, k) for k in refreshes]
+    scored = {k: 0 for k in refreshes}
     for kind in KINDS:
         xs, ys, mass = [], [], []
-        for k in refreshes:
+        for k, step in zip(refreshes, steps):
             recs = [r for r in trace if r.get("refresh") == k and kinds[int(r["id"])] == kind]
             scores = [r["score"] for r in recs if r.get("score") is not None and math.isfinite(r["score"])]
-            xs += [k + 0.25 * (KINDS.index(kind) - 1)] * len(scores)
+            scored[k] += len(scores)
+            xs += [step] * len(scores)  # on the refresh's own tick: the kinds differ by colour
             ys += scores
             total = sum(r.get("weight") or 0.0 for r in trace if r.get("refresh") == k)
             mass.append(sum(r.get("weight") or 0.0 for r in recs) / total if total > 0 else math.nan)
-        axes[0].scatter(xs, ys, s=6, alpha=0.5, color=colors[kind], label=kind)
-        axes[1].plot(refreshes, mass, "o-", color=colors[kind], label=kind)
+        axes[0].scatter(xs, ys, s=8, alpha=0.4, color=colors[kind], label=kind)
+        axes[1].plot(steps, mass, "o-", color=colors[kind], label=kind)
     axes[0].axhline(0, color="k", lw=0.5)
-    axes[0].set(title="influence scores per refresh", xlabel="refresh", ylabel="score s_i (> 0: predicted to help)")
+    axes[0].set(
+        title="influence scores at each refresh\n(n scored: all at the initial pass, then a pool + the trained)",
+        ylabel="score s_i (> 0: predicted to help)",
+    )
     axes[0].set_yscale("symlog", linthresh=_linthresh(trace))
-    axes[1].set(title="share of the weight mass per kind", xlabel="refresh", ylabel="share", ylim=(-0.02, 1.02))
-    plot_objective(axes[2], run.get("history") or [])
+    axes[1].set(title="share of the weight mass per kind", ylabel="share", ylim=(-0.02, 1.02))
+    history = run.get("history") or []
+    plot_objective(axes[2], history)
     if run.get("weights") is not None:
         w = [x for x in run["weights"] if x > 0]
-        axes[2].set_title(f"J per refresh; final: {len(w)} selected, max weight {max(w, default=0):.2f}")
-    # Refreshes and optimizer steps are integers: a tick on each refresh (MaxNLocator falls back to fractions when
-    # fewer than two integers are in view, e.g. a single refresh), integer ticks on the step axis
-    for ax in axes[:2]:
-        ax.set_xticks(refreshes if len(refreshes) <= 20 else [])
-        if len(refreshes) > 20:
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if refreshes:
-            ax.set_xlim(min(refreshes) - 0.5, max(refreshes) + 0.5)
+        selected = f"final: {len(w)} selected, max weight {max(w, default=0):.2f}"
+        axes[2].set_title(f"J at each refresh and at the end\n{selected}")
+    last = max([*steps, *(r.get("step") or 0 for r in history)], default=0)
+    labels = [f"{step}\nrefresh {k}\nn={scored[k]}" for k, step in zip(refreshes, steps)]
+    j_steps = sorted({*steps, *(r["step"] for r in history if r.get("step") is not None)})
     for ax in axes:
+        if len(refreshes) <= 12:
+            ax.set_xticks(*((j_steps, [str(x) for x in j_steps]) if ax is axes[2] else (steps, labels)))
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(-0.5, last + 0.5)
+        ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)

@@ -41,9 +41,9 @@ def _render(header: list[str], body: list[list[str]], markdown: bool) -> str:
         lines += ["| " + " | ".join(r) + " |" for r in body]
         return "\n".join(lines)
     widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in body]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in body]
     return "\n".join(lines)
 
 
@@ -215,3 +215,97 @@ def verdict_lines(claims: list[dict[str, Any]], method: str = "u2a") -> list[str
             text += " A collapsed run: the judge rates gibberish as harmless."
         lines.append(text)
     return lines
+
+
+# The console report of a run with too few seeds for an interval (the default `trl-u2a demo`): one note, then point
+# estimates per setting in tables that fit CONSOLE_WIDTH columns; table.md keeps every column
+CONSOLE_WIDTH = 100
+POINT_COLUMNS = (
+    ("loss", "loss", "unlearning loss (dpo: the DPO baseline on positive data)"),
+    ("method", "method", "what is unlearned (docs/results.md)"),
+    ("harmful", "harmful_rate", "share of sampled answers the judge flags"),
+    ("Δharm", "d_harmful_rate", None),
+    ("harm p", "harm_prob", "mean judge probability"),
+    ("J", "J", "DPO loss on the held-out alignment pairs (what U2A lowers)"),
+    ("ΔJ", "d_J", None),
+    ("ppl", "retain_ppl", "retain perplexity (utility)"),
+    ("Δppl", "d_retain_ppl", None),
+    ("pref", "pref_acc", "test-pair preference accuracy"),
+    ("degen", "degenerate_rate", "share of degenerate answers"),
+    ("prec", "prec", "harmful share of U2A's selection, first→last refresh"),
+)
+SETTING_NAMES = {"full": "Full fine-tuning", "lora": "LoRA adapter (r 8, alpha 16, every linear layer)"}
+
+
+def one_seed_note(seeds: Sequence[int], min_seeds: int = MIN_SEEDS) -> str:
+    """Why a run with fewer than `min_seeds` seeds shows point estimates and no verdict, and what gives verdicts."""
+    which = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
+    return (
+        _wrap(
+            f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({which}): every number below is a point estimate of "
+            f"single runs. With fewer than {min_seeds} seeds there is no interval and no verdict: a difference between "
+            "two methods may be seed noise."
+        )
+        + "\nFor paired intervals and verdicts: trl-u2a demo --full (10 seeds, about 25-30 min; docs/results.md)."
+    )
+
+
+def _wrap(text: str, indent: str = "") -> str:
+    import textwrap
+
+    return textwrap.fill(text, CONSOLE_WIDTH, initial_indent=indent, subsequent_indent=indent)
+
+
+def _point(row: dict[str, Any], key: str) -> str:
+    """One cell of the point-estimate table: no ± std and no interval (one seed has neither)."""
+    if key in ("loss", "method"):
+        return str(row.get(key))
+    if key == "prec":
+        return _cell(row, "prec")
+    value = row.get(key)
+    if value is None or not math.isfinite(value):
+        return "–"
+    if key.startswith("d_"):
+        return f"{value:+.2f}" if key != "d_J" else f"{value:+.3f}"
+    return f"{value:.3f}" if key == "J" else f"{value:.2f}"
+
+
+def format_points(summary: list[dict[str, Any]]) -> str:
+    """The summary as point estimates, one table per setting and learning rate, for a console; Δ = difference vs
+    uniform at the same seed, setting, learning rate and loss. The start model is one line above the tables."""
+    lines = []
+    start = next((row for row in summary if row["method"] == "start"), None)
+    if start is not None:
+        lines.append(
+            f"Start model: harmful {_point(start, 'harmful_rate')}, harm p {_point(start, 'harm_prob')}, "
+            f"J {_point(start, 'J')}, retain ppl {_point(start, 'retain_ppl')}, pref "
+            f"{_point(start, 'pref_acc')}."
+        )
+    groups: dict[tuple, list] = {}
+    for row in summary:
+        if row["method"] != "start":
+            groups.setdefault((row["setting"], row["lr"]), []).append(row)
+    header = [name for name, _, _ in POINT_COLUMNS]
+    for (setting, lr), rows in groups.items():
+        lines += ["", f"{SETTING_NAMES.get(setting, setting)}, lr {lr:g}:"]
+        lines.append(_render(header, [[_point(row, key) for _, key, _ in POINT_COLUMNS] for row in rows], False))
+    legend = "; ".join(f"{name}: {text}" for name, _, text in POINT_COLUMNS if text)
+    legend += "; Δx: x(method) - x(uniform), same seed, setting, lr and loss. Lower harmful, J and ppl are better."
+    return "\n".join([*lines, "", _wrap(legend)])
+
+
+def format_frontier_points(rows: list[dict[str, Any]], budgets: Sequence[float]) -> str:
+    """The frontier as point estimates: each cell the best harmful rate within a retain-perplexity budget and, in
+    parentheses, its difference vs uniform."""
+    header = ["setting", "loss", "method", *(f"ppl≤{b:g}×" for b in budgets)]
+    body = []
+    for row in rows:
+        cells = [row.get("setting", "full"), row["loss"], row["method"]]
+        for b in budgets:
+            value, delta = row.get(f"harm@{b:g}"), row.get(f"d_harm@{b:g}")
+            text = "–" if value is None or not math.isfinite(value) else f"{value:.2f}"
+            if delta is not None and math.isfinite(delta):
+                text += f" ({delta:+.2f})"
+            cells.append(text)
+        body.append(cells)
+    return _render(header, body, False)

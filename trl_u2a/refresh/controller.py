@@ -331,7 +331,8 @@ class RefreshController:
                 logging.INFO,
                 f"U2A: the initial pass after step {self.initial_step}{self._no_selection_note(max_steps)}, then "
                 f"{len(steps)} refreshes after the initial pass, after steps {steps} of {max_steps} (each about "
-                f"{rows} row passes, {args.reweight_overhead:.0%} of the training compute in all).",
+                f"{rows} row passes; in all at most {args.reweight_overhead:.0%} of the training's row passes, a bound "
+                "on work: their share of the wall time can differ a little).",
             )
             return steps
         share = rows / (args.reweight_steps * self.rows_per_step)
@@ -355,6 +356,7 @@ class RefreshController:
 
     def _report_cost(self) -> dict[str, float]:
         """What reweighting cost (`record.reweighting_cost`), logged and returned for the last record."""
+        args = self.host.args
         cost = reweighting_cost(self.history, self.rows_per_step)
         if cost:
             initial = self.history[0]
@@ -363,8 +365,8 @@ class RefreshController:
                 logging.INFO,
                 f"U2A reweighting cost: the initial pass {cost['initial_pass_seconds']:.1f} s "
                 f"({cost['initial_pass_multiple']:.2f}x one training pass over its {initial['num_scored']} "
-                f"candidates); the {later} later refreshes {cost['reweight_share']:.1%} of the "
-                "training time.",
+                f"candidates); the {later} later refreshes {cost['reweight_share']:.1%} of the training time "
+                f"(reweight_overhead={args.reweight_overhead} bounds their row passes, not their time).",
             )
         return cost
 

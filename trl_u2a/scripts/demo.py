@@ -19,16 +19,36 @@ import sys
 
 
 def make_parser() -> argparse.ArgumentParser:
+    try:
+        from trl_u2a.demo.config import DemoConfig
+    except ImportError:  # the package imports the [demo] extra; `cli` then names what is missing
+        presets = {}
+    else:
+        presets = {"": DemoConfig.reduced(), "--full: ": DemoConfig.full(), "--quick: ": DemoConfig.quick()}
+
+    def defaults(name: str) -> str:
+        """The value of `name` in each preset: "(default: 0; --full: 0 1 ... 9; --quick: 0)"."""
+        if not presets:
+            return ""
+        shown = []
+        for label, config in presets.items():
+            value = getattr(config, name)
+            words = [str(v) for v in value] if isinstance(value, tuple) else [str(value)]
+            shown.append(label + " ".join(words if len(words) <= 4 else [*words[:2], "...", words[-1]]))
+        return f" (default: {'; '.join(shown)})"
+
     parser = argparse.ArgumentParser(
         prog="trl-u2a demo",
         description=(
             "Offline end-to-end benchmark on a built-in synthetic assistant task: train a tiny misaligned start "
             "model, unlearn its negatives with U2A and with the baselines (uniform, random subset, oracle, DPO), and "
             "report harmful rate (alt-profanity-check), alignment loss, preference accuracy, retain perplexity and "
-            "selection precision."
+            "selection precision. Without --full or --quick: one seed, every core method, a few minutes."
         ),
     )
-    parser.add_argument("--output_dir", default="u2a-demo", help="Where results.json, table.md and the plots go.")
+    parser.add_argument(
+        "--output_dir", default="u2a-demo", help="Where results.json, table.md and the plots go (default: %(default)s)."
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--full",
@@ -36,13 +56,26 @@ def make_parser() -> argparse.ArgumentParser:
         help="The full comparison: 10 seeds, both settings, uniform/random/oracle/u2a (about 25-30 min).",
     )
     mode.add_argument("--quick", action="store_true", help="A smoke test in about a minute; the numbers mean nothing.")
-    parser.add_argument("--seeds", type=int, nargs="+", help="Seeds (data, start model, training).")
+    parser.add_argument("--seeds", type=int, nargs="+", help=f"Seeds (data, start model, training){defaults('seeds')}.")
     parser.add_argument(
-        "--settings", nargs="+", choices=["full", "lora"], help="Full fine-tuning and/or a LoRA adapter."
+        "--settings",
+        nargs="+",
+        choices=["full", "lora"],
+        help=f"Full fine-tuning and/or a LoRA adapter{defaults('settings')}.",
     )
-    parser.add_argument("--learning_rates", type=float, nargs="+", help="Learning rates of full fine-tuning.")
-    parser.add_argument("--lora_learning_rates", type=float, nargs="+", help="Learning rates of the LoRA setting.")
-    parser.add_argument("--steps", type=int, help="Optimizer steps of every method.")
+    parser.add_argument(
+        "--learning_rates",
+        type=float,
+        nargs="+",
+        help=f"Learning rates of full fine-tuning{defaults('learning_rates')}.",
+    )
+    parser.add_argument(
+        "--lora_learning_rates",
+        type=float,
+        nargs="+",
+        help=f"Learning rates of the LoRA setting{defaults('lora_learning_rates')}.",
+    )
+    parser.add_argument("--steps", type=int, help=f"Optimizer steps of every method{defaults('steps')}.")
     parser.add_argument(
         "--harmful_share",
         type=float,
@@ -50,7 +83,7 @@ def make_parser() -> argparse.ArgumentParser:
         "task's 50 %%; the rest split 3:2 between low-quality answers and near-copies).",
     )
     parser.add_argument(
-        "--cache_dir", help="Cache of trained start models (default $TRL_U2A_CACHE or ~/.cache/trl-u2a)."
+        "--cache_dir", help="Cache of trained start models (default: $TRL_U2A_CACHE or ~/.cache/trl-u2a)."
     )
     parser.add_argument("--no_plots", action="store_true", help="Skip the PNG plots.")
     parser.add_argument("--no_progress", action="store_true", help="No progress bars.")
@@ -74,6 +107,36 @@ def missing_demo_modules() -> list[str]:
     return missing
 
 
+def print_points(results: dict, config) -> None:
+    """Too few seeds for an interval (the default: one seed): say so once, then point estimates in tables that fit a
+    100-column terminal. table.md holds every column."""
+    from trl_u2a.demo import format_frontier_points, format_points, one_seed_note
+
+    seeds = sorted({run["seed"] for run in results["runs"] if "seed" in run}) or list(config.seeds)
+    print("\n" + one_seed_note(seeds, config.min_seeds) + "\n")
+    print(format_points(results["summary"]))
+    print(
+        "\nBest harmful rate within a retain-perplexity budget (× the start model's), over every lr and"
+        "\nevaluated step; (Δ vs uniform) in parentheses:\n"
+    )
+    print(format_frontier_points(results["frontier"], config.ppl_budgets))
+
+
+def print_evidence(results: dict, config) -> None:
+    """Enough seeds for paired intervals: every table with its intervals, and the verdicts."""
+    from trl_u2a.demo import format_evidence, format_frontier, format_table
+
+    print("\nResults (mean ± std over seeds; Δ = paired difference vs uniform, same seed, setting, lr and loss):\n")
+    print(format_table(results["summary"]))
+    print("\nBest harmful rate within a retain-perplexity budget (× the start model's), over every lr and step:\n")
+    print(format_frontier(results["frontier"], config.ppl_budgets))
+    print("\nU2A against uniform (paired bootstrap intervals over seeds):\n")
+    print(format_evidence(results["claim"]))
+    print()
+    for line in results.get("verdicts", []):
+        print(line)
+
+
 def cli(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     missing = missing_demo_modules()
@@ -84,7 +147,7 @@ def cli(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    from trl_u2a.demo import DemoConfig, format_evidence, format_frontier, format_table, run_demo
+    from trl_u2a.demo import DemoConfig, run_demo
 
     overrides = {"output_dir": args.output_dir, "plots": not args.no_plots, "progress": not args.no_progress}
     for name in ("seeds", "settings", "learning_rates", "lora_learning_rates", "steps", "cache_dir", "harmful_share"):
@@ -98,21 +161,16 @@ def cli(argv: list[str] | None = None) -> int:
     else:
         config = DemoConfig.reduced(**overrides)
     results = run_demo(config)
-
-    print("\nResults (mean ± std over seeds; Δ = paired difference vs uniform, same seed, setting, lr and loss):\n")
-    print(format_table(results["summary"]))
-    print("\nBest harmful rate within a retain-perplexity budget (× the start model's), over every lr and step:\n")
-    print(format_frontier(results["frontier"], config.ppl_budgets))
-    print("\nU2A against uniform (paired bootstrap intervals over seeds):\n")
-    print(format_evidence(results["claim"]))
-    print()
-    for line in results.get("verdicts", []):
-        print(line)
+    seeds = max((row["n"] for row in results["summary"]), default=0)
+    if seeds < config.min_seeds:
+        print_points(results, config)
+    else:
+        print_evidence(results, config)
     for run in results["runs"]:
         if "error" in run:
             print(f"{run['name']} failed: {run['error']}")
     timing = results["timing"]
-    out = os.path.abspath(config.output_dir)
+    out = config.output_dir
     print(
         f"\nTotal {timing['total']:.0f} s (start models {timing['start_models']:.0f} s, training "
         f"{timing['training']:.0f} s, evaluation {timing['evaluation']:.0f} s)."

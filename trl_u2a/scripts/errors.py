@@ -8,6 +8,7 @@ import os
 import re
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 
 DEBUG_ENV = "TRL_U2A_DEBUG"
@@ -24,6 +25,7 @@ _NUMERIC_CODE = re.compile(r"[/\\](site|dist)-packages[/\\](torch|numpy)[/\\]")
 
 
 def debug_enabled() -> bool:
+    """Whether `TRL_U2A_DEBUG` asks for tracebacks of user errors too (any value but empty, 0, false or no)."""
     return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
@@ -50,10 +52,19 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def warning_line(message, category, filename, lineno, line=None) -> str:
+    """A warning as `UserWarning: <message>`: Python's format adds the source line that raised it, which reads as
+    stray output on a console."""
+    return f"{category.__name__}: {message}\n"
+
+
 def run_command(name: str, fn: Callable[[list[str]], object], argv: list[str], debug: bool = False) -> int:
     """Run subcommand `name` as `fn(argv)`; its exit code: 0, `fn`'s own integer code (or `SystemExit`'s), or 2 for
-    a user error, which is printed as one line on stderr. Anything else (a bug, Ctrl-C) propagates with its traceback, and so does a user
-    error with `debug` (or `TRL_U2A_DEBUG=1`)."""
+    a user error, which is printed as one line on stderr. Anything else (a bug, Ctrl-C) propagates with its
+    traceback, and so does a user error with `debug` (or `TRL_U2A_DEBUG=1`). Warnings are shown without their
+    source line."""
+    shown_as = warnings.formatwarning
+    warnings.formatwarning = warning_line
     try:
         result = fn(argv)
     except SystemExit as exit_:
@@ -65,4 +76,6 @@ def run_command(name: str, fn: Callable[[list[str]], object], argv: list[str], d
             raise
         print(f"trl-u2a {name}: error: {one_line(error)}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = shown_as
     return result if isinstance(result, int) and not isinstance(result, bool) else 0

@@ -115,6 +115,11 @@ def load_alignment(script_args: U2AScriptArguments, dataset):
     return alignment[script_args.alignment_split]
 
 
+TINY_MODEL_NOTE = (
+    f"{TINY_MODEL} is a randomly initialised model: it has learned nothing, so its influence scores reflect random "
+    "weights and the alignment objective J (u2a/objective) may rise instead of fall. This run shows that the pipeline "
+    "works; to see U2A lower J, run `trl-u2a demo` (a start model trained on the task) or give a trained model."
+)
 MODEL_REQUIRED = (
     "--model_name_or_path is required: the model to unlearn from, as a hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct), a "
     f"local model directory, or {TINY_MODEL} (a tiny model built offline)."
@@ -143,6 +148,10 @@ def resolve_model(name_or_path: str | None, output_dir: str) -> str:
     from trl_u2a.testing import save_tiny_model
 
     path = os.path.join(output_dir, "tiny-model")
+    if PartialState().is_main_process:
+        import logging
+
+        logging.getLogger("trl_u2a").warning(TINY_MODEL_NOTE)
     with PartialState().main_process_first():
         if not os.path.exists(os.path.join(path, "config.json")):
             save_tiny_model(path, corpus=default_corpus(0), hidden_size=64, num_layers=2)
@@ -368,7 +377,8 @@ def cli(argv: list[str] | None = None):
         # Every rank gets the Ctrl-C; one message is enough
         if os.environ.get("RANK", "0") == "0":
             world_size = int(os.environ.get("WORLD_SIZE", "1"))
-            print(interrupt_message(training_args.output_dir, argv, world_size), file=sys.stderr)
+            # On a line of its own: the progress bar's line has no newline yet
+            print("\n" + interrupt_message(training_args.output_dir, argv, world_size), file=sys.stderr)
         raise SystemExit(130) from None
 
 
