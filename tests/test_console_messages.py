@@ -18,10 +18,10 @@ from trl_u2a.scripts.errors import run_command
 
 def test_budget_hint_gives_a_count_and_a_fraction(tmp_path):
     # "use e.g. 1" used to be suggested for 1.5, but budget 1 is the fraction 1.0: every negative
-    hint = r"budget=1.5 .* use e\.g\. 2 \(negatives\) or 0\.5 \(a fraction; 1 means all\)"
+    hint = r"budget=1.5 .* e\.g\. 2 \(negatives\) or 0\.5 \(a fraction; 1 means all\)"
     with pytest.raises(ValueError, match=hint):
         cpu_args(tmp_path, budget=1.5)
-    with pytest.raises(ValueError, match=r"use e\.g\. 7 \(negatives\)"):
+    with pytest.raises(ValueError, match=r"e\.g\. 7 \(negatives\)"):
         cpu_args(tmp_path, budget=7.2)
 
 

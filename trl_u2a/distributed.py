@@ -51,8 +51,8 @@ def check_process_count(accelerator) -> None:
         logger.warning(
             "accelerate launch was asked for several processes but started one: without --multi_gpu its simple "
             "launcher runs a single process, which trains alone. For N processes on a machine without a GPU, launch "
-            "with --multi_gpu --num_processes N and ACCELERATE_USE_CPU=true (docs/usage.md, 'Multi-GPU with "
-            "accelerate').",
+            f"with --multi_gpu --num_processes N and ACCELERATE_USE_CPU=true "
+            f"({docs_page('usage', 'multi-gpu-with-accelerate')}).",
             main_process_only=True,
         )
     logger.info(

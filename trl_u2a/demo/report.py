@@ -222,7 +222,7 @@ def verdict_lines(claims: list[dict[str, Any]], method: str = "u2a") -> list[str
 CONSOLE_WIDTH = 100
 POINT_COLUMNS = (
     ("loss", "loss", "unlearning loss (dpo: the DPO baseline on positive data)"),
-    ("method", "method", "what is unlearned (docs/results.md)"),
+    ("method", "method", "what is unlearned: uniform, oracle, u2a, ... (results page)"),
     ("harmful", "harmful_rate", "share of sampled answers the judge flags"),
     ("Δharm", "d_harmful_rate", None),
     ("harm p", "harm_prob", "mean judge probability"),
@@ -246,7 +246,8 @@ def one_seed_note(seeds: Sequence[int], min_seeds: int = MIN_SEEDS) -> str:
             f"single runs. With fewer than {min_seeds} seeds there is no interval and no verdict: a difference between "
             "two methods may be seed noise."
         )
-        + "\nFor paired intervals and verdicts: trl-u2a demo --full (10 seeds, about 25-30 min; docs/results.md)."
+        + "\nFor paired intervals and verdicts: trl-u2a demo --full (10 seeds, about 25-30 min)."
+        + f"\nWhat the methods and metrics are: {docs_page('results')}"
     )
 
 
