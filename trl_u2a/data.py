@@ -24,10 +24,25 @@ NEGATIVE_ID = "negative_id"
 TRAIN_COLUMNS = ["prompt_ids", "completion_ids", "label", NEGATIVE_ID, "weight", "ref_logps"]
 
 
-def detect_format(dataset: Dataset, name: str = "train_dataset") -> str:
-    """Return `"unpaired"`, `"preference"` or `"negatives"`, or raise a ValueError naming the columns expected."""
+def require_dataset(dataset: Any, name: str) -> None:
+    """U2A indexes its rows (an id and a weight per negative, pairs scored at every refresh, evaluation rows checked
+    and tokenized up front), so a streaming `IterableDataset` is refused with the way to materialise it."""
+    from datasets import IterableDataset
+
+    if isinstance(dataset, IterableDataset):
+        raise ValueError(
+            f"{name} is a streaming IterableDataset; U2A needs a datasets.Dataset (map-style): every negative gets an "
+            "id and a weight that the sampler and the refreshes index, and every row is checked and tokenized before "
+            f"training. Materialise it: Dataset.from_generator(lambda: (yield from {name})) for all rows, or "
+            f"Dataset.from_list(list({name}.take(n))) for the first n."
+        )
     if not isinstance(dataset, Dataset):
         raise TypeError(f"{name} must be a datasets.Dataset, got {type(dataset).__name__}.")
+
+
+def detect_format(dataset: Dataset, name: str = "train_dataset") -> str:
+    """Return `"unpaired"`, `"preference"` or `"negatives"`, or raise a ValueError naming the columns expected."""
+    require_dataset(dataset, name)
     columns = set(dataset.column_names)
     if len(dataset) == 0:
         raise ValueError(f"{name} is empty; it needs at least one negative example.")
@@ -204,8 +219,7 @@ def _check_not_blank(dataset: Dataset, name: str, columns: list[str]) -> None:
 
 def check_preference(dataset: Dataset, name: str = "alignment_dataset") -> Dataset:
     """Validate a preference dataset (`prompt, chosen, rejected`; implicit prompt allowed) and extract its prompt."""
-    if not isinstance(dataset, Dataset):
-        raise TypeError(f"{name} must be a datasets.Dataset, got {type(dataset).__name__}.")
+    require_dataset(dataset, name)
     columns = set(dataset.column_names)
     if not {"chosen", "rejected"} <= columns:
         raise ValueError(
@@ -320,9 +334,11 @@ def _check_lengths(dataset: Dataset, max_length: int | None, name: str, completi
                 raise ValueError(f"{name}: row {i} has an empty completion ('{column}' has no token).")
 
 
-def pad_right(sequences: list[list[int]], pad_value: int) -> torch.Tensor:
-    """Right-pad a list of int lists into a `(B, T)` int64 tensor."""
+def pad_right(sequences: list[list[int]], pad_value: int, pad_to_multiple_of: int | None = None) -> torch.Tensor:
+    """Right-pad a list of int lists into a `(B, T)` int64 tensor, `T` rounded up to `pad_to_multiple_of` if set."""
     width = max(len(s) for s in sequences)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     out = torch.full((len(sequences), width), pad_value, dtype=torch.int64)
     for i, s in enumerate(sequences):
         out[i, : len(s)] = torch.tensor(s, dtype=torch.int64)
@@ -330,9 +346,14 @@ def pad_right(sequences: list[list[int]], pad_value: int) -> torch.Tensor:
 
 
 def collate_completions(
-    prompts: list[list[int]], completions: list[list[int]], pad_token_id: int, max_length: int | None
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    pad_token_id: int,
+    max_length: int | None,
+    pad_to_multiple_of: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """`input_ids, attention_mask, completion_mask`, each `(B, T)`, right-padded, truncated to `max_length`."""
+    """`input_ids, attention_mask, completion_mask`, each `(B, T)`, truncated to `max_length`, then right-padded (to a
+    multiple of `pad_to_multiple_of` if set, as TRL's collators pad)."""
     ids, masks = [], []
     for p, c in zip(prompts, completions):
         full, mask = p + c, [0] * len(p) + [1] * len(c)
@@ -341,9 +362,9 @@ def collate_completions(
         ids.append(full)
         masks.append(mask)
     return {
-        "input_ids": pad_right(ids, pad_token_id),
-        "attention_mask": pad_right([[1] * len(s) for s in ids], 0),
-        "completion_mask": pad_right(masks, 0),
+        "input_ids": pad_right(ids, pad_token_id, pad_to_multiple_of),
+        "attention_mask": pad_right([[1] * len(s) for s in ids], 0, pad_to_multiple_of),
+        "completion_mask": pad_right(masks, 0, pad_to_multiple_of),
     }
 
 
@@ -351,13 +372,18 @@ class UnpairedCollator:
     """Collate tokenized unpaired rows; forwards `label`, `negative_id` and `ref_logps` as tensors (accelerate can
     only gather tensors across processes)."""
 
-    def __init__(self, pad_token_id: int, max_length: int | None):
+    def __init__(self, pad_token_id: int, max_length: int | None, pad_to_multiple_of: int | None = None):
         self.pad_token_id = pad_token_id
         self.max_length = max_length
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = collate_completions(
-            [r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], self.pad_token_id, self.max_length
+            [r["prompt_ids"] for r in rows],
+            [r["completion_ids"] for r in rows],
+            self.pad_token_id,
+            self.max_length,
+            self.pad_to_multiple_of,
         )
         batch["label"] = torch.tensor([bool(r["label"]) for r in rows])
         batch[NEGATIVE_ID] = torch.tensor([int(r[NEGATIVE_ID]) for r in rows], dtype=torch.int64)
