@@ -144,3 +144,20 @@ def test_streaming_datasets_are_refused_with_the_fix(tiny_model_path, tmp_path, 
             train_dataset=preference_dataset,
             alignment_dataset=_stream(preference_dataset),
         )
+
+
+def test_construction_hashes_no_model(tiny_model_path, tmp_path, preference_dataset, monkeypatch):
+    """KTO's cache key (a SHA-256 of every parameter) is never computed, and no reference model is loaded: U2A's
+    NPO reference log-probs come from the start model, in memory."""
+    from trl.trainer import kto_trainer
+
+    def hash_module(module):
+        raise AssertionError("the model was hashed")
+
+    monkeypatch.setattr(kto_trainer, "hash_module", hash_module)
+    trainer = U2ATrainer(
+        model=tiny_model_path, args=cpu_args(tmp_path, loss_type="npo"), train_dataset=preference_dataset
+    )
+    assert kto_trainer.hash_module is hash_module  # restored after construction
+    assert trainer.ref_model is None
+    assert "ref_logps" in trainer.train_dataset.column_names

@@ -80,6 +80,21 @@ def _as_kto_args(args: U2AConfig, precompute_ref_log_probs: bool):
 
 
 @contextlib.contextmanager
+def _no_model_hash():
+    """KTO names its reference log-prob cache by a SHA-256 of every parameter (the whole model copied to the CPU
+    first) whenever it keeps no reference model; U2A computes its own reference log-probs in memory and never reads
+    that hash, so it is not computed."""
+    from trl.trainer import kto_trainer
+
+    saved = kto_trainer.hash_module
+    kto_trainer.hash_module = lambda module: None
+    try:
+        yield
+    finally:
+        kto_trainer.hash_module = saved
+
+
+@contextlib.contextmanager
 def _dataset_bars(disable: bool):
     """datasets' `map` progress bars off inside (as `disable_tqdm` asks), restored on exit."""
     from datasets.utils import logging as datasets_logging
@@ -195,7 +210,11 @@ class U2ATrainer(KTOTrainer):
         self._collator = u2a_data.UnpairedCollator(
             pad_token_id=None, max_length=args.max_length, pad_to_multiple_of=args.pad_to_multiple_of
         )
-        with _as_kto_args(args, precompute_ref_log_probs=not self._needs_ref_model), _dataset_bars(args.disable_tqdm):
+        with (
+            _as_kto_args(args, precompute_ref_log_probs=not self._needs_ref_model),
+            _no_model_hash(),
+            _dataset_bars(args.disable_tqdm),
+        ):
             super().__init__(
                 model=model,
                 ref_model=ref_model,
