@@ -30,15 +30,15 @@ def test_private_name_is_still_there(entry):
     if entry.kind in ("method", "function"):
         assert hasattr(owner, entry.name), f"{entry.owner}.{entry.name} is gone; U2A uses it because {entry.why}"
         params = tuple(inspect.signature(getattr(owner, entry.name)).parameters)
-        assert params == entry.params, f"{entry.owner}.{entry.name} now takes {params}, U2A was written for {entry.params}"
+        assert params == entry.params, (
+            f"{entry.owner}.{entry.name} now takes {params}, U2A was written for {entry.params}"
+        )
     elif entry.kind == "class_attribute":
         fields = getattr(owner, "__dataclass_fields__", {})
         assert hasattr(owner, entry.name) or entry.name in fields, f"{entry.owner}.{entry.name} is gone"
     elif entry.kind == "attribute":
         sources = [
-            inspect.getsource(vars(c)["__init__"])
-            for c in owner.__mro__
-            if inspect.isfunction(vars(c).get("__init__"))
+            inspect.getsource(vars(c)["__init__"]) for c in owner.__mro__ if inspect.isfunction(vars(c).get("__init__"))
         ]
         assert any(f"self.{entry.name} =" in s for s in sources), f"{entry.owner} no longer sets self.{entry.name}"
     elif entry.kind == "source":
@@ -57,4 +57,6 @@ def test_every_overridden_private_hook_is_registered():
         and any(hasattr(base, name) for base in U2ATrainer.__mro__[1:])
     }
     assert overridden, "the check found no override at all"
-    assert overridden <= registered, f"private hooks overridden but not in trl_u2a/_compat.py: {overridden - registered}"
+    assert overridden <= registered, (
+        f"private hooks overridden but not in trl_u2a/_compat.py: {overridden - registered}"
+    )

@@ -256,7 +256,9 @@ def _tokenize(tokenizer, text: Any, **template_kwargs) -> list[int]:
     writes its own special tokens, so no second BOS), plain text through the tokenizer with its special tokens (the
     BOS of a Llama-style tokenizer)."""
     if isinstance(text, list):
-        return list(tokenizer.apply_chat_template(text, tokenize=True, return_dict=True, **template_kwargs)["input_ids"])
+        return list(
+            tokenizer.apply_chat_template(text, tokenize=True, return_dict=True, **template_kwargs)["input_ids"]
+        )
     return list(tokenizer(text=text)["input_ids"])
 
 
@@ -314,7 +316,11 @@ def tokenize_pairs(dataset: Dataset, tokenizer, max_length: int | None, name: st
             chosen_ids = _tokenize(tokenizer, prompt + _with_eos(tokenizer, row["chosen"]))
             rejected_ids = _tokenize(tokenizer, prompt + _with_eos(tokenizer, row["rejected"]))
         split = min(_common_prefix_length(prompt_ids, chosen_ids), _common_prefix_length(prompt_ids, rejected_ids))
-        return {"prompt_ids": prompt_ids[:split], "chosen_ids": chosen_ids[split:], "rejected_ids": rejected_ids[split:]}
+        return {
+            "prompt_ids": prompt_ids[:split],
+            "chosen_ids": chosen_ids[split:],
+            "rejected_ids": rejected_ids[split:],
+        }
 
     dataset = dataset.map(fn, num_proc=num_proc, desc=f"Tokenizing {name}")
     _check_lengths(dataset, max_length, name, ["chosen_ids", "rejected_ids"])
