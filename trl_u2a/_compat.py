@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# The floor and latest versions of the supported range on which every entry below was resolved by tests/test_compat.py
+# The versions on which tests/test_compat.py resolved every entry below: the floor (.ci/floor.txt) and the latest of
+# the supported range (trl 1.15.0 resolves them too, but its fused LM head cannot run on a CPU)
 CHECKED_ON = {
-    "trl": ("1.16.0",),
-    "transformers": ("5.20.0", "5.25.0"),
+    "trl": ("1.15.0", "1.16.0"),
+    "transformers": ("5.18.0", "5.25.0"),
+    "peft": ("0.21.0", "0.21.2"),
+    "accelerate": ("1.10.1", "1.16.0"),
     "torch": ("2.13.0",),
 }
 
