@@ -300,10 +300,16 @@ def test_ghost_matches_brute_force_tied_embeddings(tokenizer, loss_type):
     check_ghost_matches_brute_force(model, batch, loss_type, v=random_v(params, seed=2))
 
 
+def _checkpointing_enable(model, use_reentrant: bool) -> None:
+    # transformers 5.23 renamed gradient_checkpointing_enable (kept as a deprecated alias); the floor (5.18) has only it
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": use_reentrant})
+
+
 @pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
 def test_ghost_with_gradient_checkpointing(tokenizer, use_reentrant):
     model = lora(tiny(tokenizer, seed=5), dropout=0.0)
-    model.base_model.model.activation_checkpointing_enable({"use_reentrant": use_reentrant})
+    _checkpointing_enable(model.base_model.model, use_reentrant)
     model.enable_input_require_grads()
     model.train()
     batch = make_negatives(tokenizer)
@@ -541,7 +547,7 @@ def test_callable_objective_matches_builtin(pa_setup):
 def test_attached_ghost_records_weighted_scores(tokenizer, checkpointing):
     model = lora(tiny(tokenizer, seed=7), dropout=0.0, seed=7)
     if checkpointing:
-        model.base_model.model.activation_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
+        _checkpointing_enable(model.base_model.model, checkpointing == "reentrant")
         model.enable_input_require_grads()
     batch = make_negatives(tokenizer)
     params = inf.tracked_parameters(model)

@@ -12,6 +12,7 @@ its weight; retain rows get `-1`. An optional `weight` column gives the initial 
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -25,10 +26,25 @@ NEGATIVE_ID = "negative_id"
 TRAIN_COLUMNS = ["prompt_ids", "completion_ids", "label", NEGATIVE_ID, "weight", "ref_logps"]
 
 
-def detect_format(dataset: Dataset, name: str = "train_dataset") -> str:
-    """Return `"unpaired"`, `"preference"` or `"negatives"`, or raise a ValueError naming the columns expected."""
+def require_dataset(dataset: Any, name: str) -> None:
+    """U2A indexes its rows (an id and a weight per negative, pairs scored at every refresh, evaluation rows checked
+    and tokenized up front), so a streaming `IterableDataset` is refused with the way to materialise it."""
+    from datasets import IterableDataset
+
+    if isinstance(dataset, IterableDataset):
+        raise ValueError(
+            f"{name} is a streaming IterableDataset; U2A needs a datasets.Dataset (map-style): every negative gets an "
+            "id and a weight that the sampler and the refreshes index, and every row is checked and tokenized before "
+            f"training. Materialise it: Dataset.from_generator(lambda: (yield from {name})) for all rows, or "
+            f"Dataset.from_list(list({name}.take(n))) for the first n."
+        )
     if not isinstance(dataset, Dataset):
         raise TypeError(f"{name} must be a datasets.Dataset, got {type(dataset).__name__}.")
+
+
+def detect_format(dataset: Dataset, name: str = "train_dataset") -> str:
+    """Return `"unpaired"`, `"preference"` or `"negatives"`, or raise a ValueError naming the columns expected."""
+    require_dataset(dataset, name)
     columns = set(dataset.column_names)
     if len(dataset) == 0:
         raise ValueError(f"{name} is empty; it needs at least one negative example.")
@@ -119,9 +135,16 @@ def to_unpaired(dataset: Dataset, name: str = "train_dataset", num_proc: int | N
 
 def _check_text_columns(dataset: Dataset, name: str, columns=("prompt", "completion")) -> None:
     """Prompts and completions must be strings (standard) or lists of chat messages (conversational), with no
-    missing value. Arrow columns are typed, so the type is checked once and missing values through the null count."""
+    missing value. Arrow columns are typed, so the type is checked once and missing values through the null count.
+    U2A is text-only: image columns and image content parts are refused."""
     from datasets import Value
 
+    for column in ("image", "images"):
+        if column in dataset.column_names:
+            raise ValueError(
+                f"{name} has an '{column}' column; U2A is text-only (its losses and influence scores read the token "
+                "log-probs of a causal language model). Remove the column, or use trl.KTOTrainer for vision data."
+            )
     for column in columns:
         feature = dataset.features[column]
         if isinstance(feature, Value) and feature.dtype in ("string", "large_string"):
@@ -130,7 +153,8 @@ def _check_text_columns(dataset: Dataset, name: str, columns=("prompt", "complet
                 raise ValueError(f"{name}: column '{column}' has a missing value (None) at row {row}; expected text.")
             continue
         for i, value in enumerate(dataset[column][:1000]):
-            if isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
+            if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
+                _check_text_parts(value, name, column, i)
                 continue
             raise ValueError(
                 f"{name}: column '{column}' must hold strings or lists of chat messages "
@@ -200,12 +224,41 @@ def _visible(text: Any) -> bool:
     return isinstance(text, str) and any(ch.isprintable() and not ch.isspace() for ch in text)
 
 
+def _check_text_parts(messages: list[dict], name: str, column: str, row: int) -> None:
+    """Content given as typed parts (`[{"type": "text", "text": ...}]`) is accepted; any other part is refused."""
+    for message in messages:
+        content = message.get("content")
+        if not isinstance(content, list):
+            continue
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise ValueError(
+                    f"{name}: column '{column}' row {row} has a content part of type {kind!r}; U2A is text-only (its "
+                    "losses and influence scores read the token log-probs of a causal language model), so only "
+                    "{'type': 'text', 'text': ...} parts are accepted. Drop the other parts or those rows."
+                )
+
+
+def _message_has_text(message: Any) -> bool:
+    """True for a message with visible text (a string or typed text parts) or with tool calls."""
+    if not isinstance(message, dict):
+        return False
+    if message.get("tool_calls"):
+        return True
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "".join(p.get("text") or "" for p in content if isinstance(p, dict))
+    return _visible(content)
+
+
 def _is_blank(value: Any) -> bool:
-    """True for text with no visible character, or a conversation whose messages together have none."""
+    """True for text with no visible character, or a conversation whose messages together have none (a tool call
+    counts as content)."""
     if isinstance(value, str):
         return not _visible(value)
     if isinstance(value, list):
-        return not any(_visible(m.get("content")) for m in value if isinstance(m, dict))
+        return not any(_message_has_text(m) for m in value)
     return False
 
 
@@ -238,8 +291,7 @@ def _check_not_blank(dataset: Dataset, name: str, columns: list[str]) -> None:
 
 def check_preference(dataset: Dataset, name: str = "alignment_dataset") -> Dataset:
     """Validate a preference dataset (`prompt, chosen, rejected`; implicit prompt allowed) and extract its prompt."""
-    if not isinstance(dataset, Dataset):
-        raise TypeError(f"{name} must be a datasets.Dataset, got {type(dataset).__name__}.")
+    require_dataset(dataset, name)
     columns = set(dataset.column_names)
     if not {"chosen", "rejected"} <= columns:
         raise ValueError(
@@ -295,36 +347,64 @@ def format_mismatch(train_dataset: Dataset, alignment_dataset: Dataset) -> str |
     )
 
 
-def tokenize_prompt_completion(tokenizer, prompt: Any, completion: Any) -> tuple[list[int], list[int]]:
-    """Tokenize like TRL: chat template for conversational rows (generation prompt on the prompt), EOS appended to
-    standard completions; the completion starts where prompt and prompt+completion token ids diverge."""
+def _chat_template_kwargs(tools: Any, chat_template_kwargs: dict | None) -> dict:
+    """The `apply_chat_template` options of a row, as TRL builds them: its `tools` (JSON text or a list) and its
+    `chat_template_kwargs`."""
+    tools = json.loads(tools) if isinstance(tools, str) else tools
+    return {"tools": tools, **(chat_template_kwargs or {})}
+
+
+def _common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
+    length = 0
+    for token, other in zip(ids, other_ids):
+        if token != other:
+            break
+        length += 1
+    return length
+
+
+def _tokenize(tokenizer, text: Any, **template_kwargs) -> list[int]:
+    """Token ids of `text` as TRL's dataset preparation makes them: a conversation through the chat template (which
+    writes its own special tokens, so no second BOS), plain text through the tokenizer with its special tokens (the
+    BOS of a Llama-style tokenizer)."""
+    if isinstance(text, list):
+        return list(
+            tokenizer.apply_chat_template(text, tokenize=True, return_dict=True, **template_kwargs)["input_ids"]
+        )
+    return list(tokenizer(text=text)["input_ids"])
+
+
+def _with_eos(tokenizer, completion: str) -> str:
+    if tokenizer.eos_token and not completion.endswith(tokenizer.eos_token):
+        return completion + tokenizer.eos_token
+    return completion
+
+
+def tokenize_prompt_completion(
+    tokenizer, prompt: Any, completion: Any, tools: Any = None, chat_template_kwargs: dict | None = None
+) -> tuple[list[int], list[int]]:
+    """Tokenize one row exactly as `trl.KTOTrainer` does: conversational rows through the chat template (generation
+    prompt on the prompt; the row's `tools` and `chat_template_kwargs` passed on), plain text with the tokenizer's
+    special tokens and EOS appended to the completion; the completion starts where the prompt and prompt+completion
+    ids diverge."""
     if is_conversational({"prompt": prompt}):
-        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-        full_ids = tokenizer.apply_chat_template(prompt + completion, tokenize=True)
-        prompt_ids, full_ids = _as_ids(prompt_ids), _as_ids(full_ids)
+        kwargs = _chat_template_kwargs(tools, chat_template_kwargs)
+        prompt_ids = _tokenize(tokenizer, prompt, add_generation_prompt=True, **kwargs)
+        full_ids = _tokenize(tokenizer, prompt + completion, **kwargs)
     else:
-        if tokenizer.eos_token and not completion.endswith(tokenizer.eos_token):
-            completion = completion + tokenizer.eos_token
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        full_ids = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
-    split = 0
-    while split < min(len(prompt_ids), len(full_ids)) and prompt_ids[split] == full_ids[split]:
-        split += 1
+        prompt_ids = _tokenize(tokenizer, prompt)
+        full_ids = _tokenize(tokenizer, prompt + _with_eos(tokenizer, completion))
+    split = _common_prefix_length(prompt_ids, full_ids)
     return full_ids[:split], full_ids[split:]
-
-
-def _as_ids(out) -> list[int]:
-    # `apply_chat_template(tokenize=True)` returns a list in some tokenizers and a BatchEncoding in others
-    if isinstance(out, dict) or hasattr(out, "input_ids"):
-        out = out["input_ids"]
-    return list(out)
 
 
 def tokenize_unpaired(dataset: Dataset, tokenizer, max_length: int | None, name: str, num_proc=None) -> Dataset:
     """Add `prompt_ids` and `completion_ids`; a prompt that leaves no room for its completion is an error."""
 
     def fn(row):
-        prompt_ids, completion_ids = tokenize_prompt_completion(tokenizer, row["prompt"], row["completion"])
+        prompt_ids, completion_ids = tokenize_prompt_completion(
+            tokenizer, row["prompt"], row["completion"], row.get("tools"), row.get("chat_template_kwargs")
+        )
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids}
 
     dataset = dataset.map(fn, num_proc=num_proc, desc=f"Tokenizing {name}")
@@ -333,17 +413,25 @@ def tokenize_unpaired(dataset: Dataset, tokenizer, max_length: int | None, name:
 
 
 def tokenize_pairs(dataset: Dataset, tokenizer, max_length: int | None, name: str, num_proc=None) -> Dataset:
-    """Add `prompt_ids`, `chosen_ids`, `rejected_ids` to a preference dataset."""
+    """Add `prompt_ids`, `chosen_ids`, `rejected_ids` to a preference dataset, as `trl.DPOTrainer` does: one prompt
+    for both sides, cut where it diverges from the earlier of prompt+chosen and prompt+rejected."""
 
     def fn(row):
-        prompt_ids, chosen_ids = tokenize_prompt_completion(tokenizer, row["prompt"], row["chosen"])
-        rejected_prompt_ids, rejected_ids = tokenize_prompt_completion(tokenizer, row["prompt"], row["rejected"])
-        # Both sides share the prompt; a tokenizer that merges across the boundary may split them differently
+        prompt = row["prompt"]
+        if is_conversational({"prompt": prompt}):
+            kwargs = _chat_template_kwargs(row.get("tools"), row.get("chat_template_kwargs"))
+            prompt_ids = _tokenize(tokenizer, prompt, add_generation_prompt=True, **kwargs)
+            chosen_ids = _tokenize(tokenizer, prompt + row["chosen"], **kwargs)
+            rejected_ids = _tokenize(tokenizer, prompt + row["rejected"], **kwargs)
+        else:
+            prompt_ids = _tokenize(tokenizer, prompt)
+            chosen_ids = _tokenize(tokenizer, prompt + _with_eos(tokenizer, row["chosen"]))
+            rejected_ids = _tokenize(tokenizer, prompt + _with_eos(tokenizer, row["rejected"]))
+        split = min(_common_prefix_length(prompt_ids, chosen_ids), _common_prefix_length(prompt_ids, rejected_ids))
         return {
-            "prompt_ids": prompt_ids,
-            "chosen_ids": chosen_ids,
-            "rejected_prompt_ids": rejected_prompt_ids,
-            "rejected_ids": rejected_ids,
+            "prompt_ids": prompt_ids[:split],
+            "chosen_ids": chosen_ids[split:],
+            "rejected_ids": rejected_ids[split:],
         }
 
     dataset = dataset.map(fn, num_proc=num_proc, desc=f"Tokenizing {name}")
@@ -364,9 +452,11 @@ def _check_lengths(dataset: Dataset, max_length: int | None, name: str, completi
                 raise ValueError(f"{name}: row {i} has an empty completion ('{column}' has no token).")
 
 
-def pad_right(sequences: list[list[int]], pad_value: int) -> torch.Tensor:
-    """Right-pad a list of int lists into a `(B, T)` int64 tensor."""
+def pad_right(sequences: list[list[int]], pad_value: int, pad_to_multiple_of: int | None = None) -> torch.Tensor:
+    """Right-pad a list of int lists into a `(B, T)` int64 tensor, `T` rounded up to `pad_to_multiple_of` if set."""
     width = max(len(s) for s in sequences)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     out = torch.full((len(sequences), width), pad_value, dtype=torch.int64)
     for i, s in enumerate(sequences):
         out[i, : len(s)] = torch.tensor(s, dtype=torch.int64)
@@ -374,9 +464,14 @@ def pad_right(sequences: list[list[int]], pad_value: int) -> torch.Tensor:
 
 
 def collate_completions(
-    prompts: list[list[int]], completions: list[list[int]], pad_token_id: int, max_length: int | None
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    pad_token_id: int,
+    max_length: int | None,
+    pad_to_multiple_of: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """`input_ids, attention_mask, completion_mask`, each `(B, T)`, right-padded, truncated to `max_length`."""
+    """`input_ids, attention_mask, completion_mask`, each `(B, T)`, truncated to `max_length`, then right-padded (to a
+    multiple of `pad_to_multiple_of` if set, as TRL's collators pad)."""
     ids, masks = [], []
     for p, c in zip(prompts, completions):
         full, mask = p + c, [0] * len(p) + [1] * len(c)
@@ -385,9 +480,9 @@ def collate_completions(
         ids.append(full)
         masks.append(mask)
     return {
-        "input_ids": pad_right(ids, pad_token_id),
-        "attention_mask": pad_right([[1] * len(s) for s in ids], 0),
-        "completion_mask": pad_right(masks, 0),
+        "input_ids": pad_right(ids, pad_token_id, pad_to_multiple_of),
+        "attention_mask": pad_right([[1] * len(s) for s in ids], 0, pad_to_multiple_of),
+        "completion_mask": pad_right(masks, 0, pad_to_multiple_of),
     }
 
 
@@ -395,13 +490,18 @@ class UnpairedCollator:
     """Collate tokenized unpaired rows; forwards `label`, `negative_id` and `ref_logps` as tensors (accelerate can
     only gather tensors across processes)."""
 
-    def __init__(self, pad_token_id: int, max_length: int | None):
+    def __init__(self, pad_token_id: int, max_length: int | None, pad_to_multiple_of: int | None = None):
         self.pad_token_id = pad_token_id
         self.max_length = max_length
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = collate_completions(
-            [r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], self.pad_token_id, self.max_length
+            [r["prompt_ids"] for r in rows],
+            [r["completion_ids"] for r in rows],
+            self.pad_token_id,
+            self.max_length,
+            self.pad_to_multiple_of,
         )
         batch["label"] = torch.tensor([bool(r["label"]) for r in rows])
         batch[NEGATIVE_ID] = torch.tensor([int(r[NEGATIVE_ID]) for r in rows], dtype=torch.int64)
@@ -420,9 +520,9 @@ class PairCollator:
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = {}
-        for side, prompt_key in (("chosen", "prompt_ids"), ("rejected", "rejected_prompt_ids")):
+        for side in ("chosen", "rejected"):
             part = collate_completions(
-                [r.get(prompt_key, r["prompt_ids"]) for r in rows],
+                [r["prompt_ids"] for r in rows],
                 [r[f"{side}_ids"] for r in rows],
                 self.pad_token_id,
                 self.max_length,

@@ -88,6 +88,21 @@ def _as_kto_args(args: U2AConfig, precompute_ref_log_probs: bool):
 
 
 @contextlib.contextmanager
+def _no_model_hash():
+    """KTO names its reference log-prob cache by a SHA-256 of every parameter (the whole model copied to the CPU
+    first) whenever it keeps no reference model; U2A computes its own reference log-probs in memory and never reads
+    that hash, so it is not computed."""
+    from trl.trainer import kto_trainer
+
+    saved = kto_trainer.hash_module
+    kto_trainer.hash_module = lambda module: None
+    try:
+        yield
+    finally:
+        kto_trainer.hash_module = saved
+
+
+@contextlib.contextmanager
 def _dataset_bars(disable: bool):
     """datasets' `map` progress bars off inside (as `disable_tqdm` asks), restored on exit."""
     from datasets.utils import logging as datasets_logging
@@ -240,11 +255,14 @@ class U2ATrainer(KTOTrainer):
         keeps a reference model in memory only for the KL retain term (NPO's reference log-probs are cached by the
         next step, not by KTO: see `_precompute_ref_logps`)."""
         keeps_reference = args.retain_weight > 0 and args.retain_loss == "kl"
-        self._collator = u2a_data.UnpairedCollator(pad_token_id=None, max_length=args.max_length)
+        self._collator = u2a_data.UnpairedCollator(
+            pad_token_id=None, max_length=args.max_length, pad_to_multiple_of=args.pad_to_multiple_of
+        )
         self._kto_constructing = True
         try:
             with (
                 _as_kto_args(args, precompute_ref_log_probs=not keeps_reference),
+                _no_model_hash(),
                 _dataset_bars(args.disable_tqdm),
             ):
                 super().__init__(args=args, data_collator=self._collator, **kto_inputs)
@@ -328,6 +346,9 @@ class U2ATrainer(KTOTrainer):
 
     # ------------------------------------------------------------------ data
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        names = {"train": "train_dataset", "eval": "eval_dataset", "test": "test_dataset"}
+        name = names.get(dataset_name, f"eval_dataset[{dataset_name!r}]")
+        u2a_data.require_dataset(dataset, name)
         if "prompt_ids" in dataset.column_names:  # already prepared (e.g. `evaluate` on a prepared split)
             return dataset
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
@@ -445,15 +466,23 @@ class U2ATrainer(KTOTrainer):
         is_retain = inputs["label"].to(device).bool()
         negative_ids = inputs[u2a_data.NEGATIVE_ID].to(device)
         use_kl = self.args.retain_weight > 0 and self.args.retain_loss == "kl"
+        # A Mixture-of-Experts model returns its router's load-balancing loss, added below as KTO adds it
+        model_kwargs = {"output_router_logits": True} if self.aux_loss_enabled else {}
 
         if use_kl:
             # The KL term needs the full next-token distributions, so the fused (log-prob only) head is bypassed
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
+            logits = outputs.logits
             per_token = torch.gather(logits[:, :-1].float().log_softmax(-1), 2, input_ids[:, 1:, None]).squeeze(-1)
         else:
             labels = input_ids.masked_fill(completion_mask == 0, -100)
             outputs = model(
-                input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True, use_cache=False
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                labels=labels,
+                fused_lm_head=True,
+                use_cache=False,
+                **model_kwargs,
             )
             per_token = outputs.log_probs[:, -(input_ids.size(1) - 1) :]
         logps, lengths = completion_logps(per_token, completion_mask)
@@ -480,6 +509,10 @@ class U2ATrainer(KTOTrainer):
             else:
                 retain_term = retain_nll
             loss = loss + self.args.retain_weight * retain_term.sum() / retain_count.clamp(min=1)
+        if self.aux_loss_enabled:
+            # A batch-level term, unweighted: it balances the experts' load over all rows, negatives and retain alike
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
 
         if mode == "train":
             # Each row's coefficient in `loss`, for in-training scores (`training_step` adds the backward's factor)
@@ -521,6 +554,38 @@ class U2ATrainer(KTOTrainer):
         if scaler is not None:
             factor *= scaler.get_scale()
         return factor
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """As KTO's, but the predictions are each row's completion log-prob `log π(y|x)` `(B,)` and the labels its
+        `label` (1: retain, 0: negative): the loss reads log-probs through TRL's fused head, so no logits exist."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        return loss.detach(), outputs["logps"], inputs["label"].long()
+
+    def _prepared(self, dataset, name: str):
+        """A dataset passed to `evaluate` or `predict`: tokenized (and given NPO's reference log-probs) as the eval
+        dataset given at construction is; a prepared one is returned as is."""
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        with _dataset_bars(self.args.disable_tqdm):
+            dataset = self._prepare_dataset(dataset, tokenizer, self.args, name)
+            batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
+            return self._precompute_ref_logps(dataset, name, batch_size)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {k: self._prepared(v, k) for k, v in eval_dataset.items()}
+        elif eval_dataset is not None and not isinstance(eval_dataset, str):
+            eval_dataset = self._prepared(eval_dataset, metric_key_prefix)
+        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        """`predictions`: each row's completion log-prob `(N,)`; `label_ids`: its `label` (1: retain, 0: negative);
+        `metrics`: the (unweighted) unlearning loss and the log-prob metrics of evaluation."""
+        test_dataset = self._prepared(test_dataset, metric_key_prefix)
+        return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def training_step(self, model, inputs, *args, **kwargs):
         controller = self.refresh_callback.controller if self.refresh_callback is not None else None

@@ -102,14 +102,19 @@ class U2ARefreshCallback(TrainerCallback):
             alignment_dataset, tokenizer, args.max_length, "alignment_dataset", num_proc=args.dataset_num_proc
         )
         world = trainer.accelerator.num_processes
-        # TRL's fused LM head reads `lm_head.weight` without calling the module, so the training backward cannot see
-        # the head's share of a score; with a trainable head (full fine-tuning) every refresh rescores instead.
+        # In-training scores read each row's share of the training backward, which these make impossible:
         head = trainer.model.get_output_embeddings()
-        in_training = args.in_training_scores and not (head is not None and head.weight.requires_grad)
-        if args.in_training_scores and not in_training:
+        reason = None
+        if head is not None and head.weight.requires_grad:
+            # TRL's fused LM head reads `lm_head.weight` without calling the module: the hooks miss the head's share
+            reason = "the output embedding is trainable and TRL's fused LM head bypasses its module"
+        elif trainer.aux_loss_enabled:
+            # The load-balancing loss is a batch term: its gradient would enter every row's share
+            reason = "the MoE router's load-balancing loss is in the training backward"
+        in_training = args.in_training_scores and reason is None
+        if args.in_training_scores and reason is not None:
             logger.info(
-                "in_training_scores is off: the output embedding is trainable and TRL's fused LM head bypasses its "
-                "module, so trained negatives are rescored at each refresh instead.",
+                f"in_training_scores is off: {reason}, so trained negatives are rescored at each refresh instead.",
                 main_process_only=True,
             )
         self.controller = RefreshController(
