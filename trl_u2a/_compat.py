@@ -90,6 +90,13 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
         "resuming restores U2A's state with the model",
         ("self", "resume_from_checkpoint", "model"),
     ),
+    PrivateName(
+        "transformers.Trainer",
+        "_issue_warnings_after_load",
+        "method",
+        "overridden: a tied weight's key (lm_head.weight) is dropped from the missing keys reported on resume",
+        ("self", "load_result"),
+    ),
     PrivateName("trl.KTOTrainer", "_tag_names", "class_attribute", "model-card and Hub tags of U2A"),
     PrivateName("trl.KTOTrainer", "_name", "class_attribute", "trainer name in the model card"),
     PrivateName("trl.KTOTrainer", "_paper", "class_attribute", "paper title, id and citation in the model card"),

@@ -153,7 +153,8 @@ def _check_text_columns(dataset: Dataset, name: str, columns=("prompt", "complet
                 raise ValueError(f"{name}: column '{column}' has a missing value (None) at row {row}; expected text.")
             continue
         for i, value in enumerate(dataset[column][:1000]):
-            if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
+            # A message without a known `role` is named by `_check_roles` below
+            if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
                 _check_text_parts(value, name, column, i)
                 continue
             raise ValueError(
