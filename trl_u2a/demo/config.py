@@ -106,8 +106,8 @@ class DemoConfig:
 
         Measured on 2 shared CPU cores (one thread, load 2-4 from other jobs): 4 min 42 s wall from a cold
         start-model cache (3 min 30 s of CPU; the start model 22 s), 6.1 s per run on average (4.4 s for a full
-        fine-tuning baseline, 6.4 s for full-FT U2A, 5.8 s / 7.3 s in LoRA). One seed gives no interval: every
-        verdict reads "inconclusive (interval spans 0)".
+        fine-tuning baseline, 6.4 s for full-FT U2A, 5.8 s / 7.3 s in LoRA). One seed gives no interval: the console
+        shows point estimates only, and every verdict in table.md reads "inconclusive (interval spans 0)".
         """
         return cls(**overrides)
 

@@ -8,6 +8,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from statistics import mean
 from typing import Any
 
 import matplotlib
@@ -121,7 +122,10 @@ def plot_trajectories(runs: list[dict[str, Any]], path: Path) -> Path:
         for ax in row_axes:
             legend.update(zip(*reversed(ax.get_legend_handles_labels())))
         row_axes[-1].legend(legend.values(), legend.keys(), loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7)
-    title = "Harm vs utility along training: every line starts at the start model (★) and ends at its large dot"
+    title = (
+        "Harm vs utility along training: every line starts at the start model (★, its step-0 evaluation)\nand ends "
+        "at its large dot"
+    )
     if has_dpo:
         title += "; dpo also lowers the retain perplexity, so its lines may run left of ★"
     fig.suptitle(title)
@@ -136,7 +140,7 @@ _LINE_STYLES = ("-", "--", ":", "-.")
 
 def _plot_trajectory_panel(ax, runs, lrs, loss, core) -> None:
     """One panel of `plot_trajectories`: every method and learning rate of `loss` (and dpo), mean over seeds."""
-    start = None
+    starts = []  # every line's step 0: the start model
     for method in core:
         for j, lr in enumerate(lrs):
             members = [r for r in runs if r["lr"] == lr and r["method"] == method]
@@ -147,13 +151,13 @@ def _plot_trajectory_panel(ax, runs, lrs, loss, core) -> None:
             length = min(len(r["trajectory"]) for r in members)
             xs = [mean_std([r["trajectory"][i]["retain_ppl"] for r in members])[0] for i in range(length)]
             ys = [mean_std([r["trajectory"][i]["harmful_rate"] for r in members])[0] for i in range(length)]
-            start = start or (xs[0], ys[0])  # step 0 is the start model in every run
+            starts.append((xs[0], ys[0]))
             label = method if len(lrs) == 1 else f"{method}, lr {lr:g}"
             style = _LINE_STYLES[j % len(_LINE_STYLES)]
             ax.plot(xs, ys, style, marker="o", color=_COLORS[method], lw=1.2, ms=3, alpha=0.8, label=label)
             ax.plot(xs[-1], ys[-1], "o", color=_COLORS[method], ms=7, alpha=0.9)
-    if start is not None:
-        ax.plot(*start, "k*", ms=14, zorder=5, label="start model")
+    if starts:
+        ax.plot(*map(mean, zip(*starts)), "k*", ms=14, zorder=5, label="start model")
     _ppl_axis(ax)
     ax.set(xlabel="retain perplexity", ylabel="harmful rate")
     ax.grid(alpha=0.3)
