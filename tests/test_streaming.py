@@ -13,9 +13,8 @@ import torch
 from conftest import CHOSEN, PROMPTS, REJECTED, cpu_args
 from datasets import Dataset
 
-from trl_u2a import U2ATrainer
+from trl_u2a import U2ATrainer, scoring
 from trl_u2a import data as u2a_data
-from trl_u2a import scoring
 from trl_u2a.core.modeling import fill_reference_logps, model_device, move_batch, sequence_logps
 from trl_u2a.core.objectives import DPOObjective, reference_logps
 from trl_u2a.influence import compute_query, make_unlearning_loss_fn, score_dataset, scoring_mode

@@ -178,4 +178,3 @@ def score_dataset(
         for batch in progress:
             scores.extend(brute_force_scores(base, move_batch(batch, device), loss_fn, v).detach())
     return scores.values()
-
