@@ -127,8 +127,8 @@ def measure(n: int, args, workdir: str) -> dict:
 
     trainer.add_callback(AfterInitialPass())
     dataset = trainer.train_dataset
-    base = _status_mib("VmRSS")
     _reset_peak()
+    base = _status_mib("VmRSS")
     started = time.perf_counter()
     trainer.train()
     run_s = time.perf_counter() - started
@@ -152,6 +152,19 @@ def measure(n: int, args, workdir: str) -> dict:
         "refreshes_file_bytes": _size(os.path.join(output_dir, "u2a_refreshes.jsonl")),
         "weight_state_bytes": sum(t.nbytes for t in vars(weights).values() if hasattr(t, "nbytes")),
     }
+
+
+def _without_workdir(argv: list[str]) -> list[str]:
+    """The arguments less `--workdir DIR` (scratch space, not a setting of the run; often a private path)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--workdir":
+            skip = True
+        elif not arg.startswith("--workdir="):
+            out.append(arg)
+    return out
 
 
 def _slope(xs, ys) -> float:
@@ -230,7 +243,8 @@ def main(argv=None):
             rows.append(json.load(f))
         print(json.dumps(rows[-1]), flush=True)
     result = {
-        "command": "python benchmarks/bench_scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python benchmarks/bench_scale.py "
+        + " ".join(_without_workdir(sys.argv[1:] if argv is None else argv)),
         "config": {k: v for k, v in vars(args).items() if k not in ("json", "workdir", "worker", "result", "inline")},
         "machine": common.machine_info(),
         "code": common.code_version(),

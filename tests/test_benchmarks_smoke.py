@@ -246,3 +246,29 @@ def test_bench_soak_smoke(tmp_path, isolated):
     history = [s["history_json_bytes"] for s in report["samples"]]
     assert history == sorted(history) and summary["history"]["json_bytes_per_refresh"] > 0
     assert png.stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_bench_scale_smoke(tmp_path, isolated):
+    """Two tiny sizes in this process: a row per size with the initial pass over every negative, a trace row per
+    scored negative, and the per-negative slopes and flatness ratio."""
+    import bench_scale
+
+    out = tmp_path / "scale.json"
+    argv = ["--negatives", "24", "48", "--steps", "1", "--pairs", "4", "--inline"]
+    bench_scale.main([*argv, "--workdir", str(tmp_path / "work"), "--json", str(out)])
+    report = json.loads(out.read_text())
+    # The command as run, less the scratch directory
+    assert report["command"] == "python benchmarks/bench_scale.py " + " ".join([*argv, "--json", str(out)])
+    rows = report["rows"]
+    assert [r["negatives"] for r in rows] == [24, 48]
+    for r in rows:
+        assert r["initial_pass_scored"] == r["negatives"] and r["refreshes"] >= 1
+        assert r["run_peak_rise_mib"] >= r["initial_pass_peak_rise_mib"]  # the peak of the run includes the pass
+        assert r["initial_pass_s"] > 0 and r["run_s"] >= r["initial_pass_s"]
+        assert r["dataset_bytes"] > 0 and r["weight_state_bytes"] == 2 * 8 * r["negatives"]
+    # The trace has at least one row per scored negative: about twice the bytes at twice the negatives
+    assert 1.5 < rows[1]["trace_bytes"] / rows[0]["trace_bytes"] < 2.5
+    summary = report["summary"]
+    assert summary["flatness"]["from"] == 24 and summary["flatness"]["to"] == 48
+    assert summary["trace_bytes_per_negative"] > 0

@@ -13,9 +13,8 @@ import torch
 from conftest import CHOSEN, PROMPTS, REJECTED, cpu_args
 from datasets import Dataset
 
-from trl_u2a import U2ATrainer
+from trl_u2a import U2ATrainer, scoring
 from trl_u2a import data as u2a_data
-from trl_u2a import scoring
 from trl_u2a.core.modeling import fill_reference_logps, model_device, move_batch, sequence_logps
 from trl_u2a.core.objectives import DPOObjective, reference_logps
 from trl_u2a.influence import compute_query, make_unlearning_loss_fn, score_dataset, scoring_mode
@@ -105,9 +104,8 @@ def test_the_retain_sample_streams_and_its_nll_is_unchanged(trainer):
     total, count = torch.zeros((), dtype=torch.float64), 0
     with torch.no_grad():
         for batch in listed_batches(trainer, trainer.retain_rows, 2, model_device(model)):
-            logps, lengths = sequence_logps(
-                model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-            )
+            inputs = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+            logps, lengths = sequence_logps(model, *inputs)
             total += (-logps / lengths.clamp(min=1)).sum().double()
             count += len(logps)
     assert streamed == float(total / count)
@@ -207,3 +205,19 @@ def test_trace_rows_are_written_in_chunks_as_before(tmp_path, monkeypatch, with_
     lines = (tmp_path / record_module.TRACE_FILE).read_text().splitlines()
     assert lines == [json.dumps(row) for row in expected]
     assert len(lines) > 2 * 7
+
+
+def test_growing_tensor_equals_the_concatenation_across_growths():
+    from trl_u2a.core.modeling import GrowingTensor
+
+    assert torch.equal(GrowingTensor().values(), torch.zeros(0))
+    generator = torch.Generator().manual_seed(0)
+    parts = [torch.randn(int(size), generator=generator) for size in torch.randint(0, 700, (12,), generator=generator)]
+    grown = GrowingTensor()
+    for part in parts:
+        grown.extend(part)
+    values = grown.values()
+    assert torch.equal(values, torch.cat(parts)) and len(grown.buffer) > 1024  # it grew past its first buffer
+    # A copy: later appends do not change what was returned
+    grown.extend(torch.ones(3))
+    assert torch.equal(values, torch.cat(parts))

@@ -46,6 +46,7 @@ from .core.losses import (
     weight_coefficients,
     weighted_mean,
 )
+from .core.modeling import GrowingTensor
 from .core.modeling import _is_bnb_4bit as is_bnb_4bit
 from .core.objectives import AlignmentObjective
 from .core.sampler import WeightedNegativeSampler
@@ -406,7 +407,7 @@ class U2ATrainer(KTOTrainer):
             return [0.0] * len(dataset)
         sharding = Sharding(self.accelerator)
         rows, _ = sharding.chunk(targets)
-        values = []
+        values = GrowingTensor()  # not a list of per-batch tensors: they would fragment the heap (see its docstring)
         for start in tqdm(
             range(0, len(rows), batch_size),
             desc=f"Computing reference log-probs of the {name} negatives",
@@ -416,8 +417,8 @@ class U2ATrainer(KTOTrainer):
         ):
             batch = self._collator([dataset[i] for i in rows[start : start + batch_size]])
             batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-            values.append(self.compute_ref_log_probs(model, batch)[0].float())
-        local = torch.cat(values) if values else torch.zeros(0, device=self.accelerator.device)
+            values.extend(self.compute_ref_log_probs(model, batch)[0].float())
+        local = values.values() if values.size else torch.zeros(0, device=self.accelerator.device)
         ref_logps = torch.zeros(len(dataset))
         ref_logps[targets] = sharding.gather_chunks(local, len(targets))
         return ref_logps.tolist()

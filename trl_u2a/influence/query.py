@@ -85,7 +85,8 @@ def alignment_gradient(
     num_batches = 0
     # `pair_batches` is iterated once, each batch dropped after its backward: a generator keeps one batch in memory
     with scoring_mode(base), torch.enable_grad(), ForwardParameters(base, params) as forward:
-        for num_batches, batch in enumerate(pair_batches, 1):
+        for batch in pair_batches:
+            num_batches += 1
             if return_fisher:
                 # The empirical Fisher needs each pair's own gradient: one pair at a time.
                 for i in range(batch_size_of(batch)):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..core.losses import DEFAULT_BETA, LOSS_TYPES, unlearning_loss
-from ..core.modeling import batch_size_of, model_device, move_batch, sequence_logps, slice_batch
+from ..core.modeling import GrowingTensor, batch_size_of, model_device, move_batch, sequence_logps, slice_batch
 from .ghost import GhostDotProduct
 from .sharded import ForwardParameters, on_other_rank
 from .tracking import LossFn, ParamVector, resolve_tracking, scoring_mode, unwrap_model
@@ -168,16 +168,13 @@ def score_dataset(
         total = len(batches)
     progress = tqdm(batches, desc=desc, total=total, disable=disable_progress or _progress_disabled(), unit="batch")
     device = model_device(base)
-    out = []
+    scores = GrowingTensor()
     if covered and method != "brute_force":
         # One scoring mode and one set of hooks for all batches; batches move to the device one at a time
         with scoring_mode(base), GhostDotProduct(base, v) as ghost:
             for batch in progress:
-                out.append(_ghost_batch(base, ghost, move_batch(batch, device), loss_fn).detach())
+                scores.extend(_ghost_batch(base, ghost, move_batch(batch, device), loss_fn).detach())
     else:
         for batch in progress:
-            out.append(brute_force_scores(base, move_batch(batch, device), loss_fn, v).detach())
-    if not out:
-        return torch.zeros(0, dtype=torch.float32)
-    device = out[0].device
-    return torch.cat([s.to(device) for s in out])
+            scores.extend(brute_force_scores(base, move_batch(batch, device), loss_fn, v).detach())
+    return scores.values()
