@@ -15,7 +15,7 @@ from dataclasses import dataclass
 CHECKED_ON = {
     "trl": ("1.15.0", "1.16.0"),
     "transformers": ("5.18.0", "5.25.0"),
-    "peft": ("0.21.0", "0.21.2"),
+    "peft": ("0.16.0", "0.21.2"),
     "accelerate": ("1.10.1", "1.16.0"),
     "torch": ("2.13.0",),
 }
