@@ -5,9 +5,9 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from trl_u2a import demo  # noqa: E402
-from trl_u2a.demo import DemoConfig  # noqa: E402
-from trl_u2a.demo.report import CONSOLE_WIDTH  # noqa: E402
+from trl_u2a import demo
+from trl_u2a.demo import DemoConfig
+from trl_u2a.demo.report import CONSOLE_WIDTH
 
 
 def _run(seed, setting, lr, loss, method, harm, ppl):

@@ -33,7 +33,7 @@ def test_refresh_figure_counts_steps_and_names_each_refresh(tmp_path, figures):
     run = {"loss": "npo", "setting": "lora", "lr": 3e-4, "seed": 0, "history": history, "weights": [1.0] * 3}
     plots.plot_refreshes_by_kind(run, trace, kinds, tmp_path / "refreshes.png")
     (fig,) = figures
-    scores, mass, objective = fig.axes
+    scores, _mass, objective = fig.axes
     xs = {float(x) for collection in scores.collections for x, _ in collection.get_offsets()}
     assert xs == {6.0, 12.0}  # on the refreshes' own steps, no sideways offset per kind
     assert [t.get_text() for t in scores.get_xticklabels()] == ["6\nrefresh 0\nn=12", "12\nrefresh 1\nn=4"]

@@ -280,9 +280,10 @@ class RefreshController:
                 f"no negative has a positive influence score at the initial pass ({len(ids)} scored, mean |s| = "
                 f"{info['score_scale']:.3g}): unlearning any of them is predicted to raise the alignment loss J"
             )
+            page = docs_page("troubleshooting", "no-negative-has-a-positive-influence-score")
             advice = (
                 "Check that alignment_dataset's rejected responses resemble the negatives, and that the start model "
-                f"is not untrained or memorised ({docs_page('troubleshooting', 'no-negative-has-a-positive-influence-score')})."
+                f"is not untrained or memorised ({page})."
             )
             if initial and record["step"] == 0:
                 # Nothing trained yet: refusing to start loses nothing
