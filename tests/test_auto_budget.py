@@ -73,3 +73,17 @@ def test_the_initial_pass_sets_the_budget_and_keeps_it(tiny_model_path, tokenize
     )  # fmt: skip
     fresh.load_state_dict(state)
     assert fresh.budget == expected
+
+
+def test_the_model_card_names_the_budget_the_initial_pass_found():
+    from types import SimpleNamespace
+
+    from trl_u2a.model_card import _budget
+
+    def trainer(found):
+        controller = SimpleNamespace(auto_budget=found)
+        return SimpleNamespace(budget=234, refresh_callback=SimpleNamespace(controller=controller))
+
+    assert _budget(trainer(37)) == "37, set by auto_budget; cap 234"
+    assert _budget(trainer(None)) == "234"
+    assert _budget(SimpleNamespace(budget=59, refresh_callback=None)) == "59"  # no alignment set: no controller
