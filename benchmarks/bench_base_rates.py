@@ -96,7 +96,7 @@ def run_share(share: float, seeds, settings, losses, variants, out: str, run: bo
 
 def pooled(results: list[dict], min_seeds: int) -> list[dict]:
     """The demo's summary over the pooled runs of several one-seed demos, plus coverage and time against uniform."""
-    from trl_u2a.demo.stats import summarize
+    from trl_u2a.demo.stats import bootstrap_recovery, paired_bootstrap_ci, recovery_share, summarize
 
     runs = list({(r["seed"], r["setting"], r["loss"], r["method"]): r for res in results for r in res["runs"]}.values())
     start = {k: v for res in results for k, v in res["start"].items()}
@@ -124,14 +124,30 @@ def pooled(results: list[dict], min_seeds: int) -> list[dict]:
         for name, values in (("coverage", coverage), ("time_vs_uniform", ratio), ("initial_pass_multiple", initial)):
             row[name] = sum(values) / len(values) if values else math.nan
         row["reweight_share"] = sum(later) / len(later) if later else math.nan
+        # A candidate against the package defaults (`u2a`), paired by seed: what deciding a default needs
+        defaults = {r["seed"]: r for r in runs if (r["setting"], r["loss"], r["method"]) == (*key[:2], "u2a")}
+        # The share of the oracle's gain on the held-out pairs' DPO loss (the demo's own recoveries use J on the
+        # alignment pairs, which the selection fits)
+        by = {(r["seed"], r["method"]): r for r in runs if (r["setting"], r["loss"]) == key[:2] and "error" not in r}
+        seeds = [r["seed"] for r in members if (r["seed"], "uniform") in by and (r["seed"], "oracle") in by]
+        if row["method"] not in ("start", "uniform", "oracle") and seeds:
+            cols = [[by[(seed, m)]["test_dpo_loss"] for seed in seeds] for m in ("uniform", row["method"], "oracle")]
+            row["rec_test_dpo_loss"] = recovery_share(*cols)
+            row["rec_test_dpo_loss_lo"], row["rec_test_dpo_loss_hi"] = bootstrap_recovery(*cols, min_pairs=min_seeds)
+        if row["method"].startswith("u2a-"):
+            for metric in ("J", "test_dpo_loss", "harm_prob", "harmful_rate"):
+                diffs = [r[metric] - defaults[r["seed"]][metric] for r in members if r["seed"] in defaults]
+                row[f"vs_u2a_{metric}"] = sum(diffs) / len(diffs) if diffs else math.nan
+                low, high = paired_bootstrap_ci(diffs, min_pairs=min_seeds)
+                row[f"vs_u2a_{metric}_lo"], row[f"vs_u2a_{metric}_hi"] = low, high
     return rows
 
 
-def _fmt(row: dict, key: str) -> str:
+def _fmt(row: dict, key: str, digits: int = 2) -> str:
     value, low, high = row.get(key, math.nan), row.get(f"{key}_lo", math.nan), row.get(f"{key}_hi", math.nan)
     if not isinstance(value, float) or math.isnan(value):
         return "-"
-    return f"{value:+.2f} [{low:+.2f}, {high:+.2f}]"
+    return f"{value:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
 
 
 def main(argv=None) -> int:
@@ -156,19 +172,22 @@ def main(argv=None) -> int:
         seeds = sorted({r["seed"] for res in results for r in res["runs"]})
         print(f"\nharmful share {share:g}, seeds {seeds}")
         print(
-            "setting | loss | method | recovered harm | recovered harm prob | recovered J | d harmful rate | "
+            "setting | loss | method | recovered harm | recovered harm prob | recovered J | recovered test J | "
+            "d harmful rate | "
             "precision | coverage | "
-            "time vs uniform | initial pass | later refreshes"
+            "time vs uniform | initial pass | later refreshes | vs defaults: d J | d test J | d harm prob"
         )
         for row in rows:
             if row["method"] in ("start", "uniform"):
                 continue
             print(
                 f"{row['setting']} | {row['loss']} | {row['method']} | {_fmt(row, 'rec_harmful_rate')} | "
-                f"{_fmt(row, 'rec_harm_prob')} | {_fmt(row, 'rec_J')} | {_fmt(row, 'd_harmful_rate')} | "
+                f"{_fmt(row, 'rec_harm_prob')} | {_fmt(row, 'rec_J')} | {_fmt(row, 'rec_test_dpo_loss')} | "
+                f"{_fmt(row, 'd_harmful_rate')} | "
                 f"{row.get('sel_harmful', math.nan):.2f} | "
                 f"{row['coverage']:.2f} | {row['time_vs_uniform']:.2f}x | {row['initial_pass_multiple']:.2f}x | "
-                f"{row['reweight_share']:.1%}"
+                f"{row['reweight_share']:.1%} | {_fmt(row, 'vs_u2a_J', 3)} | "
+                f"{_fmt(row, 'vs_u2a_test_dpo_loss', 3)} | {_fmt(row, 'vs_u2a_harm_prob', 3)}"
             )
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(common_jsonable(summary), f, indent=1)
