@@ -3,8 +3,8 @@
 The initial pass scores every negative. Its scores split into the negatives that unlearning helps and the rest; the
 split point is Otsu's threshold (Otsu, 1979: the cut of a one-dimensional sample that maximises the variance between
 the two groups, i.e. the least within-group variance), a knee that needs no parameter. The budget is the number of
-positive scores at or above it, at most the numeric `budget` (the cap). On the demo's initial-pass scores it kept 37 of
-234 negatives where 35 were harmful (15 % base rate) and 110-169 where 117 were (50 %); a fixed 25 % keeps 58 in both
+positive scores at or above it, at most the numeric `budget` (the cap). On the demo's LoRA runs (234 negatives) it kept
+79-167 where 117 were harmful (50 % base rate) and 17-40 where 35 were (15 %); a fixed 25 % keeps 59 in both
 (docs/results.md, "What we tried: selection at two base rates").
 """
 
