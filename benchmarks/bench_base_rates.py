@@ -17,6 +17,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -36,44 +37,68 @@ VARIANTS = {
     "pa32": {"pa_samples": 32},
     # A larger fixed budget: half of the negatives (only positive scores are kept, so it is a cap)
     "b0.5": {"budget": 0.5},
+    # Every negative with a positive score (a budget that follows the data, no cap)
+    "b1": {"budget": 1.0},
+    # The later refreshes' query on every pair, with the overhead raised so that the same re-selection still runs
+    # (at 30 steps, 80 pairs do not fit the default 15 % and "pa_all" has no later refresh at all)
+    "pa_all_paid": {"pa_samples": 80, "reweight_overhead": 0.75},
+    # The budget the initial pass finds (Otsu's threshold of its scores), uncapped
+    "auto": {"auto_budget": True, "budget": 1.0},
 }
 
 
-def run_share(share: float, seeds, settings, losses, variants, out: str) -> list[dict]:
-    """Run (or read back) the demo of every seed at harmful share `share`; returns each seed's results."""
+def _seed_results(seed_dir: str) -> list[dict]:
+    """Every demo result under `seed_dir` (one per method set run for that seed)."""
+    results = []
+    for path in sorted(glob.glob(os.path.join(seed_dir, "**", "results.json"), recursive=True)):
+        with open(path) as f:
+            results.append(json.load(f))
+    return results
+
+
+def run_share(share: float, seeds, settings, losses, variants, out: str, run: bool = True) -> list[dict]:
+    """Run the demo of every seed at harmful share `share` for the methods not yet in `<out>`; returns every result.
+
+    A seed's baselines and `u2a` run once (`<out>/h<share>/seed<seed>/base`); the variants missing from every result
+    of that seed run together in `<out>/h<share>/seed<seed>/<variant names>`, so that a later call adds variants to
+    the same seeds without rerunning what is there.
+    """
     from trl_u2a.demo import DemoConfig, run_demo
 
     results = []
     for seed in seeds:
-        out_dir = os.path.join(out, f"h{share:g}", f"seed{seed}")
-        path = os.path.join(out_dir, "results.json")
-        if not os.path.isfile(path):
+        seed_dir = os.path.join(out, f"h{share:g}", f"seed{seed}")
+        done = {(r["setting"], r["loss"], r["method"]) for res in _seed_results(seed_dir) for r in res["runs"]}
+        cells = [(s, loss) for s in settings for loss in losses]
+        base = [m for m in ("u2a", "uniform", "oracle") if any((s, loss, m) not in done for s, loss in cells)]
+        missing = [name for name in variants if any((s, loss, f"u2a-{name}") not in done for s, loss in cells)]
+        if run and (base or missing):
+            tag = "base" if base else "+".join(missing)
             config = DemoConfig(
-                output_dir=out_dir,
+                output_dir=os.path.join(seed_dir, tag),
                 seeds=(seed,),
                 harmful_share=None if share == 0.5 else share,
                 settings=tuple(settings),
                 losses=tuple(losses),
-                methods=("u2a", "uniform", "oracle"),
+                methods=tuple(base),
                 preconditioners=(),
-                variants={f"u2a-{name}": VARIANTS[name] for name in variants},
+                variants={f"u2a-{name}": VARIANTS[name] for name in missing},
                 variant_losses=None,
                 plots=False,
                 progress=False,
                 keep_traces=False,
             )
             run_demo(config)
-            print(f"h{share:g} seed {seed} done", flush=True)
-        with open(path) as f:
-            results.append(json.load(f))
+            print(f"h{share:g} seed {seed} {tag} done", flush=True)
+        results.extend(_seed_results(seed_dir))
     return results
 
 
 def pooled(results: list[dict], min_seeds: int) -> list[dict]:
     """The demo's summary over the pooled runs of several one-seed demos, plus coverage and time against uniform."""
-    from trl_u2a.demo.stats import summarize
+    from trl_u2a.demo.stats import bootstrap_recovery, paired_bootstrap_ci, recovery_share, summarize
 
-    runs = [r for res in results for r in res["runs"]]
+    runs = list({(r["seed"], r["setting"], r["loss"], r["method"]): r for res in results for r in res["runs"]}.values())
     start = {k: v for res in results for k, v in res["start"].items()}
     kinds = {k: v for res in results for k, v in res["kinds"].items()}
     rows = summarize(runs, start, min_seeds=min_seeds)
@@ -82,10 +107,9 @@ def pooled(results: list[dict], min_seeds: int) -> list[dict]:
         if r["method"] == "uniform":
             uniform_time[(r["seed"], r["setting"], r["loss"])] = r["train_seconds"]
     for row in rows:
-        members = [
-            r for r in runs if (r["setting"], r["loss"], r["method"]) == (row["setting"], row["loss"], row["method"])
-        ]
-        coverage, ratio = [], []
+        key = (row["setting"], row["loss"], row["method"])
+        members = [r for r in runs if (r["setting"], r["loss"], r["method"]) == key and "error" not in r]
+        coverage, ratio, initial, later = [], [], [], []
         for r in members:
             harmful = [i for i, kind in enumerate(kinds[str(r["seed"])]) if kind == "harmful"]
             if "weights" in r:
@@ -93,16 +117,37 @@ def pooled(results: list[dict], min_seeds: int) -> list[dict]:
             base = uniform_time.get((r["seed"], r["setting"], r["loss"]))
             if base:
                 ratio.append(r["train_seconds"] / base)
-        row["coverage"] = sum(coverage) / len(coverage) if coverage else math.nan
-        row["time_vs_uniform"] = sum(ratio) / len(ratio) if ratio else math.nan
+            cost = r["history"][-1] if r.get("history") else {}
+            if "initial_pass_multiple" in cost:
+                initial.append(cost["initial_pass_multiple"])
+                later.append(cost["reweight_share"])
+        for name, values in (("coverage", coverage), ("time_vs_uniform", ratio), ("initial_pass_multiple", initial)):
+            row[name] = sum(values) / len(values) if values else math.nan
+        row["reweight_share"] = sum(later) / len(later) if later else math.nan
+        # A candidate against the package defaults (`u2a`), paired by seed: what deciding a default needs
+        defaults = {r["seed"]: r for r in runs if (r["setting"], r["loss"], r["method"]) == (*key[:2], "u2a")}
+        # The share of the oracle's gain on the held-out pairs' DPO loss (the demo's own recoveries use J on the
+        # alignment pairs, which the selection fits)
+        by = {(r["seed"], r["method"]): r for r in runs if (r["setting"], r["loss"]) == key[:2] and "error" not in r}
+        seeds = [r["seed"] for r in members if (r["seed"], "uniform") in by and (r["seed"], "oracle") in by]
+        if row["method"] not in ("start", "uniform", "oracle") and seeds:
+            cols = [[by[(seed, m)]["test_dpo_loss"] for seed in seeds] for m in ("uniform", row["method"], "oracle")]
+            row["rec_test_dpo_loss"] = recovery_share(*cols)
+            row["rec_test_dpo_loss_lo"], row["rec_test_dpo_loss_hi"] = bootstrap_recovery(*cols, min_pairs=min_seeds)
+        if row["method"].startswith("u2a-"):
+            for metric in ("J", "test_dpo_loss", "harm_prob", "harmful_rate"):
+                diffs = [r[metric] - defaults[r["seed"]][metric] for r in members if r["seed"] in defaults]
+                row[f"vs_u2a_{metric}"] = sum(diffs) / len(diffs) if diffs else math.nan
+                low, high = paired_bootstrap_ci(diffs, min_pairs=min_seeds)
+                row[f"vs_u2a_{metric}_lo"], row[f"vs_u2a_{metric}_hi"] = low, high
     return rows
 
 
-def _fmt(row: dict, key: str) -> str:
+def _fmt(row: dict, key: str, digits: int = 2) -> str:
     value, low, high = row.get(key, math.nan), row.get(f"{key}_lo", math.nan), row.get(f"{key}_hi", math.nan)
     if not isinstance(value, float) or math.isnan(value):
         return "-"
-    return f"{value:+.2f} [{low:+.2f}, {high:+.2f}]"
+    return f"{value:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
 
 
 def main(argv=None) -> int:
@@ -114,22 +159,35 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", nargs="*", default=["pa_all"], choices=sorted(VARIANTS))
     parser.add_argument("--min-seeds", type=int, default=3, help="Fewest seeds that get a bounded interval.")
     parser.add_argument("--out", default="bench-base-rates")
+    parser.add_argument("--report-only", action="store_true", help="Pool the results there are; run nothing.")
     args = parser.parse_args(argv)
     common.set_threads(1)
     summary = {}
     for share in args.shares:
-        results = run_share(share, args.seeds, args.settings, args.losses, args.variants, args.out)
+        results = run_share(
+            share, args.seeds, args.settings, args.losses, args.variants, args.out, run=not args.report_only
+        )
         rows = pooled(results, args.min_seeds)
         summary[f"{share:g}"] = rows
-        print(f"\nharmful share {share:g}, {len(results)} seeds")
-        print("setting | loss | method | recovered harm | recovered J | d harmful rate | precision | coverage | time")
+        seeds = sorted({r["seed"] for res in results for r in res["runs"]})
+        print(f"\nharmful share {share:g}, seeds {seeds}")
+        print(
+            "setting | loss | method | recovered harm | recovered harm prob | recovered J | recovered test J | "
+            "d harmful rate | "
+            "precision | coverage | "
+            "time vs uniform | initial pass | later refreshes | vs defaults: d J | d test J | d harm prob"
+        )
         for row in rows:
             if row["method"] in ("start", "uniform"):
                 continue
             print(
                 f"{row['setting']} | {row['loss']} | {row['method']} | {_fmt(row, 'rec_harmful_rate')} | "
-                f"{_fmt(row, 'rec_J')} | {_fmt(row, 'd_harmful_rate')} | {row.get('sel_harmful', math.nan):.2f} | "
-                f"{row['coverage']:.2f} | {row['time_vs_uniform']:.2f}x"
+                f"{_fmt(row, 'rec_harm_prob')} | {_fmt(row, 'rec_J')} | {_fmt(row, 'rec_test_dpo_loss')} | "
+                f"{_fmt(row, 'd_harmful_rate')} | "
+                f"{row.get('sel_harmful', math.nan):.2f} | "
+                f"{row['coverage']:.2f} | {row['time_vs_uniform']:.2f}x | {row['initial_pass_multiple']:.2f}x | "
+                f"{row['reweight_share']:.1%} | {_fmt(row, 'vs_u2a_J', 3)} | "
+                f"{_fmt(row, 'vs_u2a_test_dpo_loss', 3)} | {_fmt(row, 'vs_u2a_harm_prob', 3)}"
             )
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(common_jsonable(summary), f, indent=1)

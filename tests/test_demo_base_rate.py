@@ -60,3 +60,43 @@ def test_named_variants_are_planned_and_checked():
         DemoConfig(variants={"u2a-x": {"pa_sample": 80}})
     with pytest.raises(ValueError, match=r"variants\['pa'\].*must start with 'u2a-'"):
         DemoConfig(variants={"pa": {"pa_samples": 80}})
+
+
+def test_base_rate_benchmark_pools_seeds_and_pairs_candidates_with_the_defaults(monkeypatch):
+    import importlib
+    import os
+
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    environment = dict(os.environ)
+    try:
+        bench_base_rates = importlib.import_module("bench_base_rates")
+    finally:  # the script sets offline and thread variables for its own process
+        os.environ.clear()
+        os.environ.update(environment)
+
+    kinds = ["harmful", "harmful", "low_quality", "near_copy"]
+    metrics = {  # method -> (harmful rate, J, held-out DPO loss, weights)
+        "uniform": (0.30, 0.60, 0.70, None),
+        "oracle": (0.10, 0.40, 0.50, [1, 1, 0, 0]),
+        "u2a": (0.20, 0.50, 0.60, [1, 0, 1, 0]),
+        "u2a-x": (0.15, 0.45, 0.55, [1, 1, 0, 0]),
+    }
+    results = []
+    for seed in range(3):
+        runs = []
+        for method, (harm, j, test, weights) in metrics.items():
+            noise = seed / 1000
+            run = {"seed": seed, "setting": "lora", "lr": 3e-4, "loss": "npo", "method": method,
+                   "harmful_rate": harm + noise, "harm_prob": harm, "J": j + noise, "test_dpo_loss": test + noise,
+                   "retain_ppl": 2.0, "pref_acc": 0.5, "train_seconds": 2.0 if method == "u2a-x" else 1.0}  # fmt: skip
+            if weights is not None:
+                run["weights"] = weights
+            runs.append(run)
+        results.append({"runs": runs, "start": {str(seed): {}}, "kinds": {str(seed): kinds}})
+    rows = {row["method"]: row for row in bench_base_rates.pooled(results, min_seeds=3)}
+    x = rows["u2a-x"]
+    assert x["coverage"] == 1.0 and rows["u2a"]["coverage"] == 0.5
+    assert x["time_vs_uniform"] == 2.0
+    assert x["rec_test_dpo_loss"] == pytest.approx(0.75) and rows["u2a"]["rec_test_dpo_loss"] == pytest.approx(0.5)
+    assert x["vs_u2a_J"] == pytest.approx(-0.05) and x["vs_u2a_J_hi"] < 0  # better than the defaults on every seed
+    assert "vs_u2a_J" not in rows["u2a"]

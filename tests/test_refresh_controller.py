@@ -82,7 +82,7 @@ def _args(tmp_path, **overrides):
         reweight_warmup_steps=0, loss_type="ga", beta=0.1, gamma=0.0, beta_pa=0.1, scoring_batch_size=None,
         per_device_train_batch_size=4, max_length=64, output_dir=str(tmp_path), patience=0,
         retain_nll_tolerance=None, seed=0, preconditioner="identity", preconditioner_batches=0, damping=0.0,
-        weight_lr=0.2, score_clip=2.0, max_weight=4.0, sparsity=0.0, disable_tqdm=True,
+        weight_lr=0.2, score_clip=2.0, max_weight=4.0, sparsity=0.0, disable_tqdm=True, auto_budget=False,
     )  # fmt: skip
     values.update(overrides)
     return types.SimpleNamespace(**values)

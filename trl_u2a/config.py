@@ -66,7 +66,13 @@ class U2AConfig(KTOConfig):
             warning.
         budget (`float`, *optional*, defaults to `0.25`):
             Number of negatives to unlearn: a value in `(0, 1]` is a fraction of the negatives (rounded half up, at
-            least 1; `1` selects all), a whole number above 1 a count (`weighting.budget_size`).
+            least 1; `1` selects all), a whole number above 1 a count (`weighting.budget_size`). With
+            `auto_budget=True`, the cap of the budget the initial pass finds.
+        auto_budget (`bool`, *optional*, defaults to `False`):
+            Set the number of negatives to unlearn from the initial pass's scores: the positive scores at or above
+            their Otsu threshold (the cut that best splits them in two groups), at most `budget`; later refreshes
+            keep that number (`core.auto_budget`). Off by default: measured on the demo at two base rates in
+            docs/results.md.
         pool_size (`int`, *optional*):
             Unselected negatives re-scored at each refresh after the first (exploration). `None`: the rows of one
             optimizer step (per-device batch × accumulation × processes).
@@ -185,6 +191,13 @@ class U2AConfig(KTOConfig):
         metadata={
             "help": "Negatives to unlearn: a value in (0, 1] is a fraction of the negatives, a whole number above 1 "
             "a count."
+        },
+    )
+    auto_budget: bool = field(
+        default=False,
+        metadata={
+            "help": "Budget from the initial pass's scores: the positive ones at or above their Otsu threshold, at "
+            "most budget."
         },
     )
     pool_size: int | None = field(

@@ -93,7 +93,7 @@ def u2a_card_section(trainer: U2ATrainer) -> str:
         "|---|---|",
         rows,
         "",
-        f"- Negatives: {trainer.num_negatives}; selected at the end: {len(selected)} (budget {trainer.budget}).",
+        f"- Negatives: {trainer.num_negatives}; selected at the end: {len(selected)} (budget {_budget(trainer)}).",
     ]
     if len(selected):
         q = torch.quantile(selected, torch.tensor([0.0, 0.5, 1.0], dtype=selected.dtype)).tolist()
@@ -116,3 +116,10 @@ def u2a_card_section(trainer: U2ATrainer) -> str:
         lines.append("- No alignment set: plain weighted unlearning, no selection.")
     lines.append("")
     return "\n".join(lines)
+
+
+def _budget(trainer) -> str:
+    """The budget the selection used: the numeric one, or the count `auto_budget` found and its cap."""
+    controller = getattr(trainer.refresh_callback, "controller", None)
+    found = getattr(controller, "auto_budget", None)
+    return str(trainer.budget) if found is None else f"{found}, set by auto_budget; cap {trainer.budget}"

@@ -11,8 +11,8 @@ Before the first step or after the warm-up (the initial pass), then after the st
    the selected negatives not trained since, and installs the new `v` for the next window. Without in-training
    scores, the selected negatives and the pool are scored with the new `v`. Candidates are sharded across ranks and
    the scores gathered;
-3. selection of the top-`budget` positive scores and the tempered mirror-ascent update (`core.weighting`), computed
-   identically on every rank.
+3. selection of the top-`budget` positive scores (with `auto_budget`, the count the initial pass's scores give) and the
+   tempered mirror-ascent update (`core.weighting`), computed identically on every rank.
 
 Every collective runs on every rank in the same order, whatever the data. Only the main process writes files. The
 controller talks to the training loop through `RefreshHost` only; `refresh.callback` adapts a `U2ATrainer` to it.
@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.auto_budget import auto_budget_count
 from ..core.modeling import PADDING, model_device, move_batch, sequence_logps
 from ..core.objectives import AlignmentObjective, pair_reference_values
 from ..core.sampler import mix_seed
@@ -107,6 +108,7 @@ class RefreshController:
         )
 
         self.refresh_index = 0  # refreshes done
+        self.auto_budget: int | None = None  # the budget the initial pass found (`auto_budget`); else host.budget
         self.history: list[RefreshRecord] = []
         self.ref_pair_logps: torch.Tensor | None = None  # (P, 2): log π_0 of chosen and rejected
         # In-training scores since the last refresh on this rank: id -> ((micro-batch, global row), score)
@@ -263,11 +265,14 @@ class RefreshController:
                 "weights stay as they were.",
             )
             return
+        if args.auto_budget and self.refresh_index == 0:
+            self.auto_budget = auto_budget_count(scores, host.budget)
+            record["budget"] = self.auto_budget
         new_state, info = refresh_weights(
             host.weight_state,
             ids,
             scores,
-            host.budget,
+            self.budget,
             weight_lr=args.weight_lr,
             score_clip=args.score_clip,
             max_weight=args.max_weight,
@@ -305,6 +310,11 @@ class RefreshController:
                 "The model may have memorised its negatives (near-zero gradients), and the selection is then noise.",
             )
 
+    @property
+    def budget(self) -> int:
+        """How many negatives a refresh selects: the initial pass's `auto_budget`, else the host's (numeric) budget."""
+        return self.host.budget if self.auto_budget is None else self.auto_budget
+
     def _close_window(self, previous: RefreshRecord, objective: float) -> None:
         """J at the end of the window that `previous` opened, and its predicted change."""
         previous["objective_next"] = objective
@@ -324,7 +334,7 @@ class RefreshController:
         fixed cadence costs more than `reweight_overhead` of the training compute."""
         args = self.host.args
         # With in-training scores a refresh scores the pool and ∇J; without, also every selected negative
-        rescored = 0 if self.in_training else self.host.budget
+        rescored = 0 if self.in_training else self.budget
         rows = refresh_rows(self.pairs_later, self.pool_size, rescored)
         if args.reweight_steps is None:
             steps = refresh_steps(max_steps, self.rows_per_step, rows, args.reweight_overhead, start=self.initial_step)
@@ -582,6 +592,7 @@ class RefreshController:
             "ref_pair_logps": self.ref_pair_logps,
             "lr_sum": self._lr_sum,
             "micro_batches": self._micro_batches,
+            "auto_budget": self.auto_budget,
             "fresh_scores": self.host.sharding.gather_object(self.fresh_scores),
             **self.stop_rule.state_dict(),
         }
@@ -603,6 +614,7 @@ class RefreshController:
         self.stop_rule.load_state_dict(state)
         self._lr_sum = state["lr_sum"]
         self._micro_batches = state["micro_batches"]
+        self.auto_budget = state.get("auto_budget")  # absent from checkpoints written before auto_budget
         rank = self.host.sharding.rank
         parts = state["fresh_scores"]
         self.fresh_scores = dict(parts[rank]) if rank < len(parts) else {}

@@ -38,6 +38,7 @@ class RefreshRecord(TypedDict, total=False):
     num_scored: int  # candidates scored now
     num_scored_in_training: int  # candidates scored during the window (in-training scores)
     retain_nll: float | None
+    budget: int  # the budget the initial pass found (`auto_budget` only)
     objective_next: float  # J at the next refresh
     realised_change: float  # objective_next - objective
     predicted_change: float  # -(Σ learning rates of the window) · predicted_gain

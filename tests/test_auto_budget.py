@@ -1,0 +1,89 @@
+"""`auto_budget`: the initial pass sets the budget from its own scores (Otsu's threshold, capped by `budget`)."""
+
+import json
+
+import pytest
+import torch
+from conftest import CHOSEN, PROMPTS, REJECTED
+from datasets import Dataset
+from test_refresh_controller import LoopHost, _args
+
+from trl_u2a import data as u2a_data
+from trl_u2a.core.auto_budget import auto_budget_count, otsu_threshold
+from trl_u2a.core.objectives import DPOObjective
+from trl_u2a.refresh import RefreshController
+
+
+def test_otsu_threshold_splits_two_groups_at_the_upper_one():
+    scores = torch.tensor([5.1, 0.0, 0.2, 5.0, 0.1, 5.2])
+    assert otsu_threshold(scores) == pytest.approx(5.0)
+    # A long flat tail of small scores and a few large ones: the cut still falls before the large ones
+    scores = torch.cat([torch.linspace(-1.0, 1.0, 50), torch.tensor([9.0, 10.0, 11.0])])
+    assert otsu_threshold(scores) == pytest.approx(9.0)
+    assert otsu_threshold(torch.tensor([2.0, 2.0, 2.0])) == 2.0
+    with pytest.raises(ValueError, match="at least 2 scores, got 1"):
+        otsu_threshold(torch.tensor([1.0]))
+
+
+def test_auto_budget_counts_positive_scores_above_the_threshold_within_the_cap():
+    scores = torch.tensor([-3.0, -2.9, -3.1, 1.0, 1.1])
+    assert auto_budget_count(scores, cap=5) == 2  # the upper group
+    assert auto_budget_count(scores, cap=1) == 1  # the numeric budget caps it
+    # The upper group holds only negative scores: none is selectable, the count stays at least 1
+    assert auto_budget_count(torch.tensor([-5.0, -4.9, -0.1, -0.2]), cap=4) == 1
+    # The same data at two base rates: the count follows how many scores stand out, a fixed fraction does not
+    few = torch.cat([torch.full((15,), 10.0), torch.zeros(85)])
+    many = torch.cat([torch.full((50,), 10.0), torch.zeros(50)])
+    assert (auto_budget_count(few, cap=100), auto_budget_count(many, cap=100)) == (15, 50)
+
+
+def test_the_initial_pass_sets_the_budget_and_keeps_it(tiny_model_path, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    unpaired = u2a_data.to_unpaired(Dataset.from_dict({"prompt": PROMPTS + PROMPTS, "completion": REJECTED + CHOSEN}))
+    negatives = u2a_data.tokenize_unpaired(unpaired, tokenizer, 64, "negatives")
+    negatives = [negatives[i] for i in range(len(negatives))]
+    pairs = u2a_data.tokenize_pairs(
+        Dataset.from_dict({"prompt": PROMPTS, "chosen": CHOSEN, "rejected": REJECTED}), tokenizer, 64, "pairs"
+    )
+    args = _args(tmp_path, budget=1.0, auto_budget=True)
+    host = LoopHost(model, negatives, tokenizer.pad_token_id, args)
+    controller = RefreshController(
+        host,
+        [pairs[i] for i in range(len(pairs))],
+        u2a_data.PairCollator(tokenizer.pad_token_id, 64),
+        DPOObjective(0.1),
+        in_training=False,
+        rows_per_step=4,
+    )
+    record = controller.begin(step=0, max_steps=200)
+
+    rows = [json.loads(line) for line in (tmp_path / "u2a_trace.jsonl").read_text().splitlines()]
+    scores = torch.tensor([row["score"] for row in sorted(rows, key=lambda r: r["example_id"])])
+    expected = auto_budget_count(scores, cap=len(negatives))
+    assert record["budget"] == expected == controller.budget and record["n_selected"] <= expected
+    assert int((host.weight_state.weights > 0).sum()) == record["n_selected"]
+    # Later refreshes and a resumed run keep the budget the initial pass found, not the cap
+    state = controller.state_dict()
+    host.budget = len(negatives)
+    fresh = RefreshController(
+        host, [pairs[i] for i in range(len(pairs))], u2a_data.PairCollator(tokenizer.pad_token_id, 64),
+        DPOObjective(0.1), in_training=False, rows_per_step=4,
+    )  # fmt: skip
+    fresh.load_state_dict(state)
+    assert fresh.budget == expected
+
+
+def test_the_model_card_names_the_budget_the_initial_pass_found():
+    from types import SimpleNamespace
+
+    from trl_u2a.model_card import _budget
+
+    def trainer(found):
+        controller = SimpleNamespace(auto_budget=found)
+        return SimpleNamespace(budget=234, refresh_callback=SimpleNamespace(controller=controller))
+
+    assert _budget(trainer(37)) == "37, set by auto_budget; cap 234"
+    assert _budget(trainer(None)) == "234"
+    assert _budget(SimpleNamespace(budget=59, refresh_callback=None)) == "59"  # no alignment set: no controller
