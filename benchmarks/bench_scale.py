@@ -247,7 +247,6 @@ def main(argv=None):
         + " ".join(_without_workdir(sys.argv[1:] if argv is None else argv)),
         "config": {k: v for k, v in vars(args).items() if k not in ("json", "workdir", "worker", "result", "inline")},
         "machine": common.machine_info(),
-        "code": common.code_version(),
         "rows": rows,
         "summary": summarise(rows),
     }
