@@ -1,17 +1,20 @@
 """Selection candidates at two base rates on the demo: the package defaults against named U2A variants, same seeds.
 
 Runs the demo (`trl_u2a.demo`) once per harmful share and seed, with the methods `uniform`, `oracle`, `u2a` (the
-package defaults) and one `u2a-<name>` per variant, then pools the seeds of each share and prints, per setting, loss
-and method, the share of the oracle's harmful-rate and `J` gain recovered with its paired bootstrap interval, the
-paired difference of the harmful rate against uniform, the selection precision (harmful share of the final
-selection) and coverage (the share of all harmful negatives it holds), and the training time against uniform.
+package defaults) and one `u2a-<name>` per variant (`VARIANTS`), then pools the seeds of each share and prints, per
+setting, loss and method: the share of the oracle's gain recovered (harmful rate, harm probability, `J` on the
+alignment pairs, DPO loss on the held-out test pairs) with paired bootstrap intervals, the paired difference of the
+harmful rate against uniform, the selection's precision (harmful share) and coverage (share of all harmful negatives
+it holds), the costs (initial pass, later refreshes, training time against uniform), and each variant against the
+defaults paired by seed.
 
-Each seed's demo writes `<out>/h<share>/seed<seed>/results.json`; a seed whose file exists is not rerun, so an
-interrupted run resumes. The pooled summary goes to `<out>/summary.json`.
+A seed's baselines and `u2a` run once in `<out>/h<share>/seed<seed>/base`; variants missing from that seed run
+later in a folder of their own, so that an interrupted run resumes and a later call adds variants to the same seeds.
+`--report-only` pools what is there. The pooled summary goes to `<out>/summary.json`.
 
 Usage:
     python benchmarks/bench_base_rates.py [--shares 0.5 0.15] [--seeds 0 1 2 3 4 5] [--settings lora]
-        [--losses ga npo] [--variants pa_all] [--min-seeds 3] [--out bench-base-rates]
+        [--losses ga npo] [--variants pa_all b0.5 auto] [--min-seeds 3] [--out bench-base-rates] [--report-only]
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The initial pass scores every negative. Its scores split into the negatives that
 split point is Otsu's threshold (Otsu, 1979: the cut of a one-dimensional sample that maximises the variance between
 the two groups, i.e. the least within-group variance), a knee that needs no parameter. The budget is the number of
 positive scores at or above it, at most the numeric `budget` (the cap). On the demo's LoRA runs (234 negatives) it kept
-79-167 where 117 were harmful (50 % base rate) and 17-40 where 35 were (15 %); a fixed 25 % keeps 59 in both
+79-168 where 117 were harmful (50 % base rate) and 17-53 where 35 were (15 %); a fixed 25 % keeps 59 in both
 (docs/results.md, "What we tried: selection at two base rates").
 """
 

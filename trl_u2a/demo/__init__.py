@@ -3,7 +3,8 @@
 Pipeline, per seed (the U2A paper's evaluation, arXiv:2504.06659, at toy scale, on CPU, no download):
 
 1. Data: the seeded synthetic assistant task (`trl_u2a.synthetic.make_training_splits`): negatives of three kinds
-   (`harmful`, `low_quality`, `near_copy`), chosen answers, a held-out alignment set, test prompts and test pairs.
+   (`harmful`, `low_quality`, `near_copy`; half harmful, or `harmful_share` of them), chosen answers, a held-out
+   alignment set, test prompts and test pairs.
 2. Start model: a tiny Llama built from config, trained from scratch with TRL's `SFTTrainer` on the `original` mix
    (about 65 % rejected answers), so that it is misaligned: it insults the user on a clearly non-zero share of the
    test prompts. Its train NLL must stay well above zero: a model that has memorised its negatives gives near-zero
@@ -15,7 +16,7 @@ Pipeline, per seed (the U2A paper's evaluation, arXiv:2504.06659, at toy scale, 
      `U2AConfig` (the demo passes no knob unless `u2a_overrides` or a variant does), for each loss `ga/npo/simnpo`;
    - `u2a-select`: selection only (`weight_lr=0`); `u2a-fisher`: the diagonal-Fisher preconditioner; `u2a-w{η}`:
      other weight temperatures; `u2a-untempered`: `η_w=1` with no clip and no cap (the paper code's update, sign
-     fixed); `u2a-b{b}`: other budgets;
+     fixed); `u2a-b{b}`: other budgets; any named variant of `DemoConfig.variants`;
    - `uniform`: the same loss on all negatives with equal weights (`U2ATrainer` without an alignment set);
    - `random`: a random subset of U2A's budget (`weighting.budget_size`, a 0/1 `weight` column);
    - `oracle`: only the `harmful` negatives (uses the labels: an upper reference, not a method);
