@@ -221,17 +221,3 @@ def test_growing_tensor_equals_the_concatenation_across_growths():
     # A copy: later appends do not change what was returned
     grown.extend(torch.ones(3))
     assert torch.equal(values, torch.cat(parts))
-
-
-def test_score_map_reads_like_the_dict_it_replaces():
-    from trl_u2a.refresh.record import ScoreMap
-
-    ids = torch.tensor([7, 2, 11])
-    scores = torch.tensor([0.5, -1.25, 3.0], dtype=torch.float64)
-    expected = dict(zip(ids.tolist(), scores.tolist()))
-    scored = ScoreMap(ids, scores)
-    assert dict(scored) == expected and len(scored) == 3 and list(scored) == [7, 2, 11]
-    assert scored[2] == -1.25 and 11 in scored and 3 not in scored
-    assert scored.values() == list(expected.values()) and scored.items() == list(expected.items())
-    with pytest.raises(KeyError):
-        scored[3]

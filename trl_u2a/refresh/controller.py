@@ -50,7 +50,7 @@ from ..influence import (
 )
 from .guards import CollapseGuard, StopRule
 from .host import RefreshHost
-from .record import IN_MEMORY_ONLY, RefreshRecord, ScoreMap, TraceWriter, refresh_metrics, reweighting_cost
+from .record import IN_MEMORY_ONLY, RefreshRecord, TraceWriter, refresh_metrics, reweighting_cost
 
 logger = logging.getLogger(__name__)
 
@@ -578,7 +578,7 @@ class RefreshController:
             record["weights"] = self.host.weight_state.weights.tolist()
             for previous in self.history:  # only the latest refresh's scores are kept in memory (the plots read them)
                 previous.pop("last_scores", None)
-            record["last_scores"] = ScoreMap(ids, scores)
+            record["last_scores"] = dict(zip(ids.tolist(), scores.tolist()))
             self.trace.write_rows(record, ids, scores, self.host.weight_state.weights, self.host.negative_names)
             self.trace.write_record(record)
 

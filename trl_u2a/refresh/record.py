@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable
 from typing import Any, TypedDict
 
 import torch
@@ -19,32 +19,6 @@ TRACE_FILE = "u2a_trace.jsonl"
 REFRESH_FILE = "u2a_refreshes.jsonl"
 TRACE_CHUNK = 4096  # trace rows built at a time
 IN_MEMORY_ONLY = ("weights", "last_scores")
-
-
-class ScoreMap(Mapping):
-    """Negative id -> score of one refresh's candidates, read-only, over the `(m,)` tensors of ids and scores: 16 bytes
-    per candidate where a dict of Python numbers takes about 100 (the initial pass scores every negative)."""
-
-    def __init__(self, ids: torch.Tensor, scores: torch.Tensor):
-        self._ids, self._scores = ids, scores
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._ids.tolist())
-
-    def __getitem__(self, negative_id: int) -> float:
-        found = torch.nonzero(self._ids == negative_id).flatten()
-        if len(found) == 0:
-            raise KeyError(negative_id)
-        return float(self._scores[found[-1]])
-
-    def values(self) -> list[float]:
-        return self._scores.tolist()
-
-    def items(self) -> list[tuple[int, float]]:
-        return list(zip(self._ids.tolist(), self._scores.tolist()))
 
 
 class RefreshRecord(TypedDict, total=False):
@@ -100,7 +74,7 @@ class RefreshRecord(TypedDict, total=False):
     reweight_share: float
     # In memory on the main process only (for plots and callers), never written to the JSONL or a checkpoint
     weights: list[float]  # (N,) the weights after this refresh
-    last_scores: ScoreMap  # negative id -> score, of the candidates of the latest refresh only
+    last_scores: dict[int, float]  # negative id -> score, of the candidates of the latest refresh only
 
 
 # What each refresh logs (as `u2a/<key>`), when the record has it
