@@ -369,6 +369,8 @@ def test_sharded_launch_matches_one_process(kind, start_model, prepared_root, tm
         assert rank["cpu_shim"] and rank["device"] == "cpu"
         assert rank["num_processes"] == 2 and rank["world_size"] == 2 and rank["process_group_backend"] == "gloo"
         assert rank["mixed_precision"] == mixed_precision
+        # One model per rank: no reference copy (KTO loads one under FSDP without PEFT; U2A never reads it)
+        assert len(rank["models_loaded"]) == 1, rank["models_loaded"]
         if kind.startswith("fsdp2"):
             assert rank["distributed_type"] == "DistributedType.FSDP"
             assert "FSDPModule" in rank["model_classes"]

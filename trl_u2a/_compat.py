@@ -153,6 +153,13 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
         ("module",),
     ),
     PrivateName(
+        "trl.trainer.kto_trainer",
+        "create_model_from_path",
+        "function",
+        "replaced during construction: under FSDP without PEFT, KTO loads a reference copy U2A never reads",
+        ("model_id", "architecture", "kwargs"),
+    ),
+    PrivateName(
         "trl.trainer.utils",
         "add_fused_lm_head",
         "function",

@@ -104,6 +104,28 @@ def _no_model_hash():
 
 
 @contextlib.contextmanager
+def _no_reference_copy(trainer):
+    """Under FSDP without PEFT, KTO loads a second copy of the model as its reference whatever
+    `precompute_ref_log_probs` says, and frees it after its own precompute. U2A computes NPO's reference log-probs
+    itself (from the policy, before any step) and otherwise needs no reference, so that copy is not loaded: inside,
+    KTO's loader returns None for any load after `Trainer.__init__` (the policy itself is loaded before it)."""
+    from trl.trainer import kto_trainer
+
+    saved = kto_trainer.create_model_from_path
+
+    def load(model_id, *args, **kwargs):
+        if hasattr(trainer, "accelerator"):  # Trainer.__init__ has run: this is the reference copy
+            return None
+        return saved(model_id, *args, **kwargs)
+
+    kto_trainer.create_model_from_path = load
+    try:
+        yield
+    finally:
+        kto_trainer.create_model_from_path = saved
+
+
+@contextlib.contextmanager
 def _dataset_bars(disable: bool):
     """datasets' `map` progress bars off inside (as `disable_tqdm` asks), restored on exit."""
     from datasets.utils import logging as datasets_logging
@@ -264,6 +286,7 @@ class U2ATrainer(KTOTrainer):
             with (
                 _as_kto_args(args, precompute_ref_log_probs=not keeps_reference),
                 _no_model_hash(),
+                _no_reference_copy(self) if not keeps_reference else contextlib.nullcontext(),
                 _dataset_bars(args.disable_tqdm),
             ):
                 super().__init__(args=args, data_collator=self._collator, **kto_inputs)

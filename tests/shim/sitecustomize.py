@@ -12,9 +12,9 @@ ranks (`LOCAL_RANK` set), never in the launcher process:
    device on the CPU. A rank that asks for the CPU (`use_cpu=True` or `ACCELERATE_USE_CPU=true`) is left alone: that
    is real `MULTI_CPU` DDP.
 2. Facts for the test to assert, written to `$U2A_FACTS_DIR/rank<i>.json` each time `Accelerator.prepare` returns a
-   model: the distributed type, number of processes, rank, backends, whether the shim chose the backend, and how the
-   prepared model is wrapped and sharded (classes, local vs global parameter count, ZeRO stage and optimizer
-   partition size).
+   model: the distributed type, number of processes, rank, backends, whether the shim chose the backend, the models
+   `from_pretrained` loaded so far, and how the prepared model is wrapped and sharded (classes, local vs global
+   parameter count, ZeRO stage and optimizer partition size).
 3. Under DeepSpeed, a rank that leaves through `sys.exit` or an uncaught exception ends with `os._exit(status)` once
    Python's own exit work is done (streams and logging flushed), skipping the interpreter's teardown of native objects:
    DeepSpeed over gloo on a CPU, which only this shim builds, aborted a rank there in 1 of 10 runs (`terminate called
@@ -69,6 +69,19 @@ if os.environ.get("LOCAL_RANK") is not None and os.environ.get("U2A_FACTS_DIR"):
                 facts["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return facts
 
+    # Models loaded by from_pretrained in this rank, up to the prepare that records the facts (the policy, and any
+    # reference copy the trainer's constructor loads)
+    from transformers import PreTrainedModel
+
+    _models_loaded = []
+    _from_pretrained = PreTrainedModel.from_pretrained.__func__
+
+    def _counting_from_pretrained(cls, *args, **kwargs):
+        _models_loaded.append(cls.__name__)
+        return _from_pretrained(cls, *args, **kwargs)
+
+    PreTrainedModel.from_pretrained = classmethod(_counting_from_pretrained)
+
     _prepare = Accelerator.prepare
 
     def _recording_prepare(self, *args, **kwargs):
@@ -88,6 +101,7 @@ if os.environ.get("LOCAL_RANK") is not None and os.environ.get("U2A_FACTS_DIR"):
                 "device": str(state.device),
                 "cpu_shim": bool(_shim_used),
                 "mixed_precision": self.mixed_precision,
+                "models_loaded": list(_models_loaded),
                 **_model_facts(models[0]),
             }
             directory = os.environ["U2A_FACTS_DIR"]
