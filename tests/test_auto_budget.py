@@ -6,12 +6,10 @@ import pytest
 import torch
 from conftest import CHOSEN, PROMPTS, REJECTED
 from datasets import Dataset
-from test_refresh_controller import LoopHost, _args
+from test_refresh_controller import LoopHost, _args, loop_controller, tokenized_pairs
 
 from trl_u2a import data as u2a_data
 from trl_u2a.core.auto_budget import auto_budget_count, otsu_threshold
-from trl_u2a.core.objectives import DPOObjective
-from trl_u2a.refresh import RefreshController
 
 
 def test_otsu_threshold_splits_two_groups_at_the_upper_one():
@@ -44,19 +42,10 @@ def test_the_initial_pass_sets_the_budget_and_keeps_it(tiny_model_path, tokenize
     unpaired = u2a_data.to_unpaired(Dataset.from_dict({"prompt": PROMPTS + PROMPTS, "completion": REJECTED + CHOSEN}))
     negatives = u2a_data.tokenize_unpaired(unpaired, tokenizer, 64, "negatives")
     negatives = [negatives[i] for i in range(len(negatives))]
-    pairs = u2a_data.tokenize_pairs(
-        Dataset.from_dict({"prompt": PROMPTS, "chosen": CHOSEN, "rejected": REJECTED}), tokenizer, 64, "pairs"
-    )
+    pairs = tokenized_pairs(tokenizer)
     args = _args(tmp_path, budget=1.0, auto_budget=True)
     host = LoopHost(model, negatives, tokenizer.pad_token_id, args)
-    controller = RefreshController(
-        host,
-        [pairs[i] for i in range(len(pairs))],
-        u2a_data.PairCollator(tokenizer.pad_token_id, 64),
-        DPOObjective(0.1),
-        in_training=False,
-        rows_per_step=4,
-    )
+    controller = loop_controller(host, pairs, tokenizer)
     record = controller.begin(step=0, max_steps=200)
 
     rows = [json.loads(line) for line in (tmp_path / "u2a_trace.jsonl").read_text().splitlines()]
@@ -67,10 +56,7 @@ def test_the_initial_pass_sets_the_budget_and_keeps_it(tiny_model_path, tokenize
     # Later refreshes and a resumed run keep the budget the initial pass found, not the cap
     state = controller.state_dict()
     host.budget = len(negatives)
-    fresh = RefreshController(
-        host, [pairs[i] for i in range(len(pairs))], u2a_data.PairCollator(tokenizer.pad_token_id, 64),
-        DPOObjective(0.1), in_training=False, rows_per_step=4,
-    )  # fmt: skip
+    fresh = loop_controller(host, pairs, tokenizer)
     fresh.load_state_dict(state)
     assert fresh.budget == expected
 

@@ -3,13 +3,11 @@ adapter or set of target modules is refused with a clear error, not loaded onto 
 
 import pytest
 import torch
-from conftest import CHOSEN, PROMPTS, REJECTED
+from conftest import PROMPTS, REJECTED
 from datasets import Dataset
-from test_refresh_controller import LoopHost, _args
+from test_refresh_controller import LoopHost, _args, loop_controller, tokenized_pairs
 
 from trl_u2a import data as u2a_data
-from trl_u2a.core.objectives import DPOObjective
-from trl_u2a.refresh import RefreshController
 from trl_u2a.safe_state import load_state, save_state
 
 
@@ -23,18 +21,8 @@ def _controller(tiny_model_path, tokenizer, tmp_path, target_modules, r=4):
     negatives = u2a_data.tokenize_unpaired(
         u2a_data.to_unpaired(Dataset.from_dict({"prompt": PROMPTS, "completion": REJECTED})), tokenizer, 64, "negs"
     )
-    pairs = u2a_data.tokenize_pairs(
-        Dataset.from_dict({"prompt": PROMPTS, "chosen": CHOSEN, "rejected": REJECTED}), tokenizer, 64, "pairs"
-    )
     host = LoopHost(model, [negatives[i] for i in range(len(negatives))], tokenizer.pad_token_id, _args(tmp_path))
-    return RefreshController(
-        host,
-        [pairs[i] for i in range(len(pairs))],
-        u2a_data.PairCollator(tokenizer.pad_token_id, 64),
-        DPOObjective(0.1),
-        in_training=True,
-        rows_per_step=4,
-    )
+    return loop_controller(host, tokenized_pairs(tokenizer), tokenizer, in_training=True)
 
 
 @pytest.fixture

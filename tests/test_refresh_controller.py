@@ -76,6 +76,26 @@ def _logps(model, batch, prefix=""):
     return (per_token * batch[f"{prefix}completion_mask"][:, 1:]).sum(-1)
 
 
+def tokenized_pairs(tokenizer) -> list[dict]:
+    """The conftest alignment pairs, tokenized (max_length 64) as a list of rows."""
+    pairs = u2a_data.tokenize_pairs(
+        Dataset.from_dict({"prompt": PROMPTS, "chosen": CHOSEN, "rejected": REJECTED}), tokenizer, 64, "pairs"
+    )
+    return [pairs[i] for i in range(len(pairs))]
+
+
+def loop_controller(host, pairs, tokenizer, in_training=False) -> RefreshController:
+    """A controller over `host` with the DPO objective (β 0.1) on `pairs`, 4 rows per optimizer step."""
+    return RefreshController(
+        host,
+        pairs,
+        u2a_data.PairCollator(tokenizer.pad_token_id, 64),
+        DPOObjective(0.1),
+        in_training=in_training,
+        rows_per_step=4,
+    )
+
+
 def _args(tmp_path, **overrides):
     values = dict(
         budget=0.5, pa_samples=None, pool_size=None, reweight_steps=None, reweight_overhead=0.15,
@@ -101,19 +121,10 @@ def test_a_plain_loop_drives_the_initial_pass_and_its_selection_is_the_brute_for
         "negatives",
     )
     negatives = [negatives[i] for i in range(len(negatives))]
-    pairs = u2a_data.tokenize_pairs(
-        Dataset.from_dict({"prompt": PROMPTS, "chosen": CHOSEN, "rejected": REJECTED}), tokenizer, 64, "pairs"
-    )
+    pairs = tokenized_pairs(tokenizer)
     args = _args(tmp_path)
     host = LoopHost(model, negatives, tokenizer.pad_token_id, args)
-    controller = RefreshController(
-        host,
-        [pairs[i] for i in range(len(pairs))],
-        u2a_data.PairCollator(tokenizer.pad_token_id, 64),
-        DPOObjective(0.1),
-        in_training=False,
-        rows_per_step=4,
-    )
+    controller = loop_controller(host, pairs, tokenizer)
     record = controller.begin(step=0, max_steps=200)
 
     assert record is not None and record["refresh"] == 0 and record["num_scored"] == len(negatives)
