@@ -154,19 +154,6 @@ def measure(n: int, args, workdir: str) -> dict:
     }
 
 
-def _without_workdir(argv: list[str]) -> list[str]:
-    """The arguments less `--workdir DIR` (scratch space, not a setting of the run; often a private path)."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--workdir":
-            skip = True
-        elif not arg.startswith("--workdir="):
-            out.append(arg)
-    return out
-
-
 def _slope(xs, ys) -> float:
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     var = sum((x - mx) ** 2 for x in xs)
@@ -242,9 +229,12 @@ def main(argv=None):
         with open(path) as f:
             rows.append(json.load(f))
         print(json.dumps(rows[-1]), flush=True)
+    from trl_u2a.scripts.u2a import without_option
+
+    # --workdir is scratch space, not a setting of the run, and often a private path
     result = {
         "command": "python benchmarks/bench_scale.py "
-        + " ".join(_without_workdir(sys.argv[1:] if argv is None else argv)),
+        + " ".join(without_option(sys.argv[1:] if argv is None else argv, "--workdir")),
         "config": {k: v for k, v in vars(args).items() if k not in ("json", "workdir", "worker", "result", "inline")},
         "machine": common.machine_info(),
         "rows": rows,

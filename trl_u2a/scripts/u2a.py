@@ -338,6 +338,19 @@ def _arrange_help(parser: argparse.ArgumentParser, config_class) -> None:
     parser.usage = "%(prog)s [--config RECIPE.yaml] [--OPTION VALUE ...]"
 
 
+def without_option(argv: list[str], option: str) -> list[str]:
+    """`argv` less `option` and its value, in both the `--option value` and `--option=value` forms."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(f"{option}="):
+            kept.append(arg)
+    return kept
+
+
 def interrupt_message(output_dir: str, argv: list[str], world_size: int = 1) -> str:
     """What to tell a user who pressed Ctrl-C: the last complete checkpoint and the command that resumes from it."""
     from trl_u2a.safe_state import last_complete_checkpoint
@@ -348,15 +361,8 @@ def interrupt_message(output_dir: str, argv: list[str], world_size: int = 1) -> 
             f"trl-u2a train: interrupted before any complete checkpoint was saved in {output_dir}; rerunning the same "
             "command starts from scratch (set --save_strategy steps --save_steps N to be able to resume)."
         )
-    # The same arguments with the resume flag replaced (both `--flag value` and `--flag=value` forms)
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--resume_from_checkpoint":
-            skip = True
-        elif not arg.startswith("--resume_from_checkpoint="):
-            kept.append(arg)
+    # The same arguments with the resume flag replaced
+    kept = without_option(argv, "--resume_from_checkpoint")
     launcher = "trl-u2a train"
     if world_size > 1:
         launcher = "accelerate launch <the same launch options> -m trl_u2a.scripts.u2a"
