@@ -15,11 +15,11 @@ ranks (`LOCAL_RANK` set), never in the launcher process:
    model: the distributed type, number of processes, rank, backends, whether the shim chose the backend, the models
    `from_pretrained` loaded so far, and how the prepared model is wrapped and sharded (classes, local vs global
    parameter count, ZeRO stage and optimizer partition size).
-3. Under DeepSpeed, a rank that leaves through `sys.exit` or an uncaught exception ends with `os._exit(status)` once
-   Python's own exit work is done (streams and logging flushed), skipping the interpreter's teardown of native objects:
-   DeepSpeed over gloo on a CPU, which only this shim builds, aborted a rank there in 1 of 10 runs (`terminate called
-   without an active exception`, SIGABRT) after the run had trained and saved. The status is the one Python would have
-   exited with; a rank that ends any other way keeps the normal teardown.
+3. A rank that leaves through `sys.exit` or an uncaught exception ends with `os._exit(status)` once Python's own exit
+   work is done (streams and logging flushed), skipping the interpreter's teardown of native objects: there, a gloo
+   rank on a CPU aborted after the run had trained and saved (`terminate called without an active exception`,
+   SIGABRT), in 1 of 10 DeepSpeed runs and once in a fresh-clone CI run of plain DDP. The status is the one Python would
+   have exited with; a rank that ends any other way keeps the normal teardown.
 """
 
 import os
@@ -112,30 +112,29 @@ if os.environ.get("LOCAL_RANK") is not None and os.environ.get("U2A_FACTS_DIR"):
 
     Accelerator.prepare = _recording_prepare
 
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        import atexit
-        import logging
-        import sys
+    import atexit
+    import logging
+    import sys
 
-        _status = []  # the code given to sys.exit (the CLI's way out); any other way out keeps the normal teardown
-        _exit, _excepthook = sys.exit, sys.excepthook
+    _status = []  # the code given to sys.exit (the CLI's way out); any other way out keeps the normal teardown
+    _exit, _excepthook = sys.exit, sys.excepthook
 
-        def _recording_exit(code=0):
-            _status.append(code if isinstance(code, int) else (0 if code is None else 1))
-            _exit(code)
+    def _recording_exit(code=0):
+        _status.append(code if isinstance(code, int) else (0 if code is None else 1))
+        _exit(code)
 
-        def _recording_excepthook(kind, value, tb):
-            _status.append(1)
-            _excepthook(kind, value, tb)
+    def _recording_excepthook(kind, value, tb):
+        _status.append(1)
+        _excepthook(kind, value, tb)
 
-        def _exit_without_native_teardown():
-            if not _status:
-                return
-            # Registered after torch's and logging's handlers, so it runs first: do their flushing here
-            logging.shutdown()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(_status[-1])
+    def _exit_without_native_teardown():
+        if not _status:
+            return
+        # Registered after torch's and logging's handlers, so it runs first: do their flushing here
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_status[-1])
 
-        sys.exit, sys.excepthook = _recording_exit, _recording_excepthook
-        atexit.register(_exit_without_native_teardown)
+    sys.exit, sys.excepthook = _recording_exit, _recording_excepthook
+    atexit.register(_exit_without_native_teardown)
