@@ -1,5 +1,6 @@
-"""In-training scores under transformers' loss scaling: with gradient accumulation, the scores the training backward
-records equal brute-force per-example `torch.autograd.grad` scores computed here, independently of the package."""
+"""In-training scores under the backward's loss scaling: with gradient accumulation, and with a loss scale applied
+before the backward (as AMP's GradScaler and DeepSpeed fp16 apply one), the scores the training backward records equal
+brute-force per-example `torch.autograd.grad` scores computed here, independently of the package."""
 
 import pytest
 import torch
@@ -18,10 +19,11 @@ def _ga_loss(model, row, collator):
     return (logps * mask).sum() / mask.sum()
 
 
-@pytest.fixture
-def trained(tiny_model_path, tmp_path):
+@pytest.fixture(params=[1.0, 1024.0], ids=["unscaled", "loss scale 1024"])
+def trained(tiny_model_path, tmp_path, request):
     """Two optimizer steps of two accumulated micro-batches each, at lr 0 (the model, hence the query, stays put),
-    with a refresh after every step and non-uniform weights after the first."""
+    with a refresh after every step and non-uniform weights after the first; the backward multiplies the loss by
+    `request.param` on top of transformers' 1 / accumulation steps."""
     from peft import LoraConfig
 
     negatives = Dataset.from_dict({"prompt": PROMPTS + PROMPTS, "completion": REJECTED + CHOSEN})
@@ -43,6 +45,8 @@ def trained(tiny_model_path, tmp_path):
     trainer = U2ATrainer(
         model=tiny_model_path, args=args, train_dataset=negatives, alignment_dataset=alignment, peft_config=lora
     )
+    backward = trainer.accelerator.backward
+    trainer.accelerator.backward = lambda loss, **kwargs: backward(loss * request.param, **kwargs)
     trainer.train()
     return trainer
 
@@ -62,19 +66,3 @@ def test_in_training_scores_with_gradient_accumulation_equal_brute_force(trained
         grads = torch.autograd.grad(_ga_loss(model, row, trained._collator), params, allow_unused=True)
         expected = sum(float((g * query[p]).sum()) for p, g in zip(params, grads) if g is not None)
         assert score == pytest.approx(expected, rel=1e-4, abs=1e-6)
-
-
-def test_backward_factor_reads_the_accumulation_steps_and_refuses_a_missing_one(trained):
-    trained.current_gradient_accumulation_steps = 2
-    assert trained._backward_factor() == 0.5
-
-    class Scaler:  # an AMP loss scaler, as accelerate holds one under fp16
-        def get_scale(self):
-            return 1024.0
-
-    trained.accelerator.scaler = Scaler()
-    assert trained._backward_factor() == 512.0
-    trained.accelerator.scaler = None
-    del trained.current_gradient_accumulation_steps
-    with pytest.raises(RuntimeError, match="current_gradient_accumulation_steps"):
-        trained._backward_factor()

@@ -539,45 +539,27 @@ class U2ATrainer(KTOTrainer):
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
 
         if mode == "train":
-            # Each row's coefficient in `loss`, for in-training scores (`training_step` adds the backward's factor)
+            # Each row's coefficient in `loss`, for in-training scores (`_row_factors` adds the backward's factor)
             self._row_coefficients = weight_coefficients(weights.detach(), normalizer=weight_total)
+            # What the backward multiplies `loss` by (1 / accumulation steps, an AMP or DeepSpeed fp16 loss scale,
+            # whatever a later version adds) arrives as the gradient of `loss`, before any module's
+            self._backward_factor = None
+            if loss.requires_grad:
+                loss.register_hook(self._record_backward_factor)
         self._log_batch_metrics(mode, losses, logps, lengths, weights, is_negative, is_retain, retain_nll)
         if return_outputs:
             return loss, {"logps": logps.detach()}
         return loss
 
-    def _backward_factor(self) -> float:
-        """The factor by which `Trainer.training_step` and `Accelerator.backward` multiply `compute_loss`'s loss
-        before the backward: `1 / gradient-accumulation steps` (transformers', then accelerate's), times the AMP
-        loss scale. In-training scores divide it out of the output gradients the ghost hooks see.
+    def _record_backward_factor(self, grad: torch.Tensor) -> None:
+        """Tensor hook on `compute_loss`'s training loss: `d(backpropagated scalar)/d(loss)`, a 0-dim tensor."""
+        self._backward_factor = grad.detach()
 
-        Raises:
-            RuntimeError: when transformers or accelerate no longer expose what this reads (a renamed attribute
-                would otherwise scale every in-training score silently).
-        """
-        from accelerate.utils import DistributedType
-
-        try:
-            steps = self.current_gradient_accumulation_steps  # set by the training loop before each step
-            scaled_for_ga = self.loss_is_scaled_for_ga  # KTOTrainer: False, so the loss is divided by `steps`
-            accelerate_steps = self.accelerator.gradient_accumulation_steps
-            scaler = self.accelerator.scaler
-        except AttributeError as error:
-            raise RuntimeError(
-                f"In-training scores cannot read the loss scaling of this transformers/accelerate version ({error}); "
-                "set in_training_scores=False, or use the versions trl-u2a's requirements name."
-            ) from None
-        if not isinstance(scaled_for_ga, bool):
-            raise RuntimeError(
-                f"In-training scores expect loss_is_scaled_for_ga to be a bool (KTOTrainer sets False); got "
-                f"{scaled_for_ga!r}: set in_training_scores=False, or use the versions trl-u2a's requirements name."
-            )
-        factor = 1.0 if scaled_for_ga else 1.0 / steps
-        if self.accelerator.distributed_type != DistributedType.DEEPSPEED:  # DeepSpeed scales in its own backward
-            factor /= accelerate_steps
-        if scaler is not None:
-            factor *= scaler.get_scale()
-        return factor
+    def _row_factors(self) -> torch.Tensor:
+        """`(B,)` each row's factor in the last training backward: its coefficient in the loss times the backward's."""
+        if self._backward_factor is None:
+            raise RuntimeError("In-training scores found no backward through the training loss of this micro-batch.")
+        return self._row_coefficients * self._backward_factor.to(self._row_coefficients)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """As KTO's, but the predictions are each row's completion log-prob `log π(y|x)` `(B,)` and the labels its
@@ -618,7 +600,7 @@ class U2ATrainer(KTOTrainer):
         # In-training scores: the training backward already holds each negative's output gradients
         return controller.record_training_scores(
             inputs[u2a_data.NEGATIVE_ID],
-            lambda: self._row_coefficients * self._backward_factor(),
+            self._row_factors,
             lambda: super(U2ATrainer, self).training_step(model, inputs, *args, **kwargs),
         )
 
