@@ -11,6 +11,9 @@ from ..config import U2AConfig
 KINDS = ("harmful", "low_quality", "near_copy")
 LOSSES = ("ga", "npo", "simnpo")
 BASELINES = ("uniform", "random", "oracle")
+# TRL's DPOTrainer from the start model: "dpo" on positive data (the alignment pairs and every negative paired with a
+# chosen answer of its prompt), "dpo-pairs" on the alignment pairs alone (the same supervision U2A gets, no negatives)
+DPO_METHODS = ("dpo", "dpo-pairs")
 SETTINGS = ("full", "lora")  # full fine-tuning; a LoRA adapter
 START_MODEL_VERSION = 1  # bump when the start-model recipe changes, so that stale caches are not reused
 
@@ -34,6 +37,10 @@ class DemoConfig:
     # Share of the negatives that are harmful (the base rate); the rest keep the task's 3:2 split of low_quality and
     # near_copy. None: the task's default mixture (50 % harmful, 30 % low_quality, 20 % near_copy).
     harmful_share: float | None = None
+    # Alignment pairs U2A gets (and `J` is measured on): a random subset of the task's 80, drawn with the seed. None:
+    # all of them. Users often have 30-100 pairs; `benchmarks/bench_base_rates.py --alignment-pairs` measures the gain
+    # by their number.
+    alignment_pairs: int | None = None
     vocab_size: int = 1024
     hidden_size: int = 64
     num_layers: int = 2
@@ -180,11 +187,17 @@ class DemoConfig:
                 f"harmful_share={self.harmful_share!r} must be a number in (0, 1): the share of the negatives that "
                 "are harmful (e.g. 0.15), or None for the task's default mixture."
             )
-        unknown = [m for m in self.methods if m not in ("u2a", "u2a-select", "dpo", *BASELINES)]
+        pairs = self.alignment_pairs
+        if pairs is not None and (isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 1):
+            raise ValueError(
+                f"alignment_pairs={pairs!r} must be a whole number ≥ 1: how many of the task's alignment pairs U2A "
+                "gets (e.g. 32), or None for all of them."
+            )
+        unknown = [m for m in self.methods if m not in ("u2a", "u2a-select", *DPO_METHODS, *BASELINES)]
         if unknown:
             raise ValueError(
                 f"methods has unknown entries {unknown}; expected some of ['u2a', 'u2a-select', 'uniform', 'random', "
-                "'oracle', 'dpo'] (temperatures, untempered and extra_budgets add the other U2A variants)."
+                "'oracle', 'dpo', 'dpo-pairs'] (temperatures, untempered and extra_budgets add the other U2A variants)."
             )
         bad = [loss for loss in self.losses if loss not in LOSSES]
         if bad:

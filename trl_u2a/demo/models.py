@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import shutil
 import time
 import warnings
@@ -29,11 +30,20 @@ class MemorisedStartModelError(ValueError):
 
 def load_task(seed: int, config: DemoConfig):
     """The synthetic task of `seed` (`make_training_splits`, negatives mixed by `config.negative_kinds()`), with
-    `test_prompts` cut to `n_test_prompts`."""
+    `test_prompts` cut to `n_test_prompts` and the alignment pairs to a random `alignment_pairs` of them (seeded)."""
     with quiet():
         splits = make_training_splits(seed=seed, n_prompts=config.n_prompts, kinds=config.negative_kinds())
         if config.n_test_prompts is not None and config.n_test_prompts < len(splits["test_prompts"]):
             splits["test_prompts"] = splits["test_prompts"].select(range(config.n_test_prompts))
+        if config.alignment_pairs is not None:
+            available = len(splits["alignment"])
+            if config.alignment_pairs > available:
+                raise ValueError(
+                    f"alignment_pairs={config.alignment_pairs} is more than the task's {available} alignment pairs; "
+                    f"give at most {available} (or None for all of them)."
+                )
+            keep = sorted(random.Random(seed).sample(range(available), config.alignment_pairs))
+            splits["alignment"] = splits["alignment"].select(keep)
     return splits
 
 

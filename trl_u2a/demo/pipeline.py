@@ -38,8 +38,8 @@ from .stats import claim, frontier, summarize
 
 def _run_method(run, model_path, splits, config, kinds, subset, common) -> RunOutput:
     common = {**common, "setting": run["setting"]}
-    if run["method"] == "dpo":
-        return run_dpo(model_path, splits, config, **common)
+    if run["method"] in ("dpo", "dpo-pairs"):
+        return run_dpo(model_path, splits, config, pairs_only=run["method"] == "dpo-pairs", **common)
     if run["method"] == "uniform":
         return run_unlearning(model_path, splits, config, loss_type=run["loss"], **common)
     if run["method"] in ("random", "oracle"):

@@ -17,7 +17,7 @@ from matplotlib.ticker import MaxNLocator
 
 from ..plots import plot_objective
 from .common import mean_std
-from .config import KINDS, LOSSES, SETTINGS
+from .config import DPO_METHODS, KINDS, LOSSES, SETTINGS
 
 _COLORS = {
     "uniform": "tab:gray",
@@ -27,6 +27,7 @@ _COLORS = {
     "u2a-select": "tab:blue",
     "u2a-fisher": "tab:brown",
     "dpo": "tab:purple",
+    "dpo-pairs": "tab:pink",
 }
 _MARKERS = {"ga": "o", "npo": "s", "simnpo": "^", "dpo": "D"}
 
@@ -105,11 +106,11 @@ def plot_trajectories(runs: list[dict[str, Any]], path: Path) -> Path:
     panel per loss, one line per method and learning rate (mean over seeds), from the start model (★) to a large dot
     at the last step. Each row has its own legend: the settings train at different learning rates, which a line style
     tells apart within a row."""
-    core = ("uniform", "random", "oracle", "u2a", "u2a-select", "u2a-fisher", "dpo")
+    core = ("uniform", "random", "oracle", "u2a", "u2a-select", "u2a-fisher", *DPO_METHODS)
     runs = [r for r in runs if "error" not in r]
     losses = [loss for loss in LOSSES if any(r["loss"] == loss for r in runs)]
     settings = [s for s in SETTINGS if any(r.get("setting", "full") == s for r in runs)] or ["full"]
-    has_dpo = any(r["method"] == "dpo" for r in runs)
+    has_dpo = any(r["method"] in DPO_METHODS for r in runs)
     ncols = max(1, len(losses))
     fig, axes = plt.subplots(len(settings), ncols, figsize=(5.5 * ncols, 4.5 * len(settings)), squeeze=False)
     for row_axes, setting in zip(axes, settings):
@@ -144,7 +145,7 @@ def _plot_trajectory_panel(ax, runs, lrs, loss, core) -> None:
     for method in core:
         for j, lr in enumerate(lrs):
             members = [r for r in runs if r["lr"] == lr and r["method"] == method]
-            members = [r for r in members if r["loss"] == loss or method == "dpo"]
+            members = [r for r in members if r["loss"] == loss or method in DPO_METHODS]
             members = [r for r in members if r.get("trajectory")]
             if not members:
                 continue

@@ -18,7 +18,7 @@ from trl import DPOConfig, DPOTrainer
 from .. import U2AConfig, U2ATrainer
 from ..core.weighting import budget_size
 from .common import final_train_loss, jsonable, quiet, silence, unlearning_run_args
-from .config import BASELINES, DemoConfig
+from .config import BASELINES, DPO_METHODS, DemoConfig
 from .metrics import DemoEvaluator, Trajectory, refresh_precision
 
 
@@ -170,18 +170,24 @@ def run_dpo(
     learning_rate: float,
     output_dir: str,
     evaluator: DemoEvaluator | None = None,
+    pairs_only: bool = False,
 ) -> RunOutput:
-    """TRL's `DPOTrainer` on positive data (`dpo_pairs`), reference = the start model (the disabled adapter in the
-    "lora" setting)."""
+    """TRL's `DPOTrainer` on positive data (`dpo_pairs`), or with `pairs_only` on the alignment pairs alone (the
+    supervision U2A gets, without its negatives); reference = the start model (the disabled adapter in the "lora"
+    setting)."""
     args = unlearning_run_args(
         DPOConfig, config, output_dir, learning_rate, seed, beta=config.dpo_beta, precompute_ref_log_probs=True
     )
+    if pairs_only:
+        pairs = splits["alignment"].select_columns(["prompt", "chosen", "rejected"])
+    else:
+        pairs = dpo_pairs(splits)
     with quiet():
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         trainer = DPOTrainer(
             model=model_path,
             args=args,
-            train_dataset=dpo_pairs(splits),
+            train_dataset=pairs,
             processing_class=tokenizer,
             peft_config=_peft_config(config, setting),
         )
@@ -219,8 +225,9 @@ def plan_runs(config: DemoConfig) -> list[dict[str, Any]]:
                             add(seed, setting, lr, loss, method, {})
                     for method, overrides in config.u2a_variants(loss).items():
                         add(seed, setting, lr, loss, method, overrides)
-                if "dpo" in config.methods:
-                    add(seed, setting, lr, "dpo", "dpo", {})
+                for method in DPO_METHODS:
+                    if method in config.methods:
+                        add(seed, setting, lr, "dpo", method, {})
     return runs
 
 

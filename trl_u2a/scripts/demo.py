@@ -5,6 +5,7 @@ trl-u2a demo                          # reduced: 1 seed, full fine-tuning and Lo
 trl-u2a demo --full                   # the comparison of docs/results.md (10 seeds, bootstrap intervals)
 trl-u2a demo --quick --output_dir x   # a smoke test in about a minute (meaningless numbers)
 trl-u2a demo --full --harmful_share 0.15  # the same comparison where 15 % of the negatives are harmful
+trl-u2a demo --full --alignment_pairs 32  # U2A with 32 of the 80 alignment pairs
 ```
 
 Needs the `[demo]` extra (matplotlib, alt-profanity-check): `pip install -e ".[demo]"`.
@@ -83,6 +84,12 @@ def make_parser() -> argparse.ArgumentParser:
         "task's 50 %%; the rest split 3:2 between low-quality answers and near-copies).",
     )
     parser.add_argument(
+        "--alignment_pairs",
+        type=int,
+        help="How many of the task's 80 alignment pairs U2A gets, a random subset drawn with each seed, e.g. 32 "
+        "(default: all 80).",
+    )
+    parser.add_argument(
         "--cache_dir", help="Cache of trained start models (default: $TRL_U2A_CACHE or ~/.cache/trl-u2a)."
     )
     parser.add_argument("--no_plots", action="store_true", help="Skip the PNG plots.")
@@ -150,7 +157,8 @@ def cli(argv: list[str] | None = None) -> int:
     from trl_u2a.demo import DemoConfig, run_demo
 
     overrides = {"output_dir": args.output_dir, "plots": not args.no_plots, "progress": not args.no_progress}
-    for name in ("seeds", "settings", "learning_rates", "lora_learning_rates", "steps", "cache_dir", "harmful_share"):
+    names = ("seeds", "settings", "learning_rates", "lora_learning_rates", "steps", "cache_dir", "harmful_share")
+    for name in (*names, "alignment_pairs"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = tuple(value) if isinstance(value, list) else value
