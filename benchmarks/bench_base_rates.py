@@ -10,11 +10,13 @@ defaults paired by seed.
 
 A seed's baselines and `u2a` run once in `<out>/h<share>/seed<seed>/base`; variants missing from that seed run
 later in a folder of their own, so that an interrupted run resumes and a later call adds variants to the same seeds.
-`--report-only` pools what is there. The pooled summary goes to `<out>/summary.json`.
+`--report-only` pools what is there. The pooled summary goes to `<out>/summary.json` (`summary-p<pairs>.json` with
+`--alignment-pairs`, whose runs go to `<out>/h<share>-p<pairs>`).
 
 Usage:
     python benchmarks/bench_base_rates.py [--shares 0.5 0.15] [--seeds 0 1 2 3 4 5] [--settings lora]
         [--losses ga npo] [--variants pa_all b0.5 auto] [--min-seeds 3] [--out bench-base-rates] [--report-only]
+        [--alignment-pairs 32] [--dpo-pairs]
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ VARIANTS = {
     "pa_all_paid": {"pa_samples": 80, "reweight_overhead": 0.75},
     # The budget the initial pass finds (Otsu's threshold of its scores), uncapped
     "auto": {"auto_budget": True, "budget": 1.0},
+    # The same, capped by the default budget (25 %) and floored at 5 % of the negatives
+    "auto_capped": {"auto_budget": True, "budget": 0.25},
+    # The same, capped at half of the negatives
+    "auto_cap50": {"auto_budget": True, "budget": 0.5},
 }
 
 
@@ -59,28 +65,48 @@ def _seed_results(seed_dir: str) -> list[dict]:
     return results
 
 
-def run_share(share: float, seeds, settings, losses, variants, out: str, run: bool = True) -> list[dict]:
+def share_dir(out: str, share: float, alignment_pairs: int | None = None) -> str:
+    """`<out>/h<share>`, or `<out>/h<share>-p<pairs>` when U2A gets `alignment_pairs` of the 80 pairs."""
+    return os.path.join(out, f"h{share:g}" + (f"-p{alignment_pairs}" if alignment_pairs else ""))
+
+
+def run_share(
+    share: float,
+    seeds,
+    settings,
+    losses,
+    variants,
+    out: str,
+    run: bool = True,
+    alignment_pairs: int | None = None,
+    dpo_pairs: bool = False,
+) -> list[dict]:
     """Run the demo of every seed at harmful share `share` for the methods not yet in `<out>`; returns every result.
 
-    A seed's baselines and `u2a` run once (`<out>/h<share>/seed<seed>/base`); the variants missing from every result
-    of that seed run together in `<out>/h<share>/seed<seed>/<variant names>`, so that a later call adds variants to
-    the same seeds without rerunning what is there.
+    A seed's baselines and `u2a` run once (`<share dir>/seed<seed>/base`); the variants missing from every result
+    of that seed run together in `<share dir>/seed<seed>/<variant names>`, so that a later call adds variants to
+    the same seeds without rerunning what is there. `dpo_pairs` adds TRL's DPO on the alignment pairs alone (the
+    demo's `dpo-pairs`, one run per seed and setting) to the baselines.
     """
     from trl_u2a.demo import DemoConfig, run_demo
 
     results = []
     for seed in seeds:
-        seed_dir = os.path.join(out, f"h{share:g}", f"seed{seed}")
+        seed_dir = os.path.join(share_dir(out, share, alignment_pairs), f"seed{seed}")
         done = {(r["setting"], r["loss"], r["method"]) for res in _seed_results(seed_dir) for r in res["runs"]}
         cells = [(s, loss) for s in settings for loss in losses]
         base = [m for m in ("u2a", "uniform", "oracle") if any((s, loss, m) not in done for s, loss in cells)]
+        if dpo_pairs and any((s, "dpo", "dpo-pairs") not in done for s in settings):
+            base.append("dpo-pairs")
         missing = [name for name in variants if any((s, loss, f"u2a-{name}") not in done for s, loss in cells)]
         if run and (base or missing):
-            tag = "base" if base else "+".join(missing)
+            tag = "+".join(base) if base else "+".join(missing)
+            tag = "base" if tag == "u2a+uniform+oracle" else tag
             config = DemoConfig(
                 output_dir=os.path.join(seed_dir, tag),
                 seeds=(seed,),
                 harmful_share=None if share == 0.5 else share,
+                alignment_pairs=alignment_pairs,
                 settings=tuple(settings),
                 losses=tuple(losses),
                 methods=tuple(base),
@@ -137,6 +163,14 @@ def pooled(results: list[dict], min_seeds: int) -> list[dict]:
             cols = [[by[(seed, m)]["test_dpo_loss"] for seed in seeds] for m in ("uniform", row["method"], "oracle")]
             row["rec_test_dpo_loss"] = recovery_share(*cols)
             row["rec_test_dpo_loss_lo"], row["rec_test_dpo_loss_hi"] = bootstrap_recovery(*cols, min_pairs=min_seeds)
+        # U2A against TRL's DPO on the same alignment pairs alone, paired by seed (the `dpo-pairs` run of the setting)
+        dpo = {r["seed"]: r for r in runs if (r["setting"], r["method"]) == (key[0], "dpo-pairs") and "error" not in r}
+        if row["method"].startswith("u2a") and dpo:
+            for metric in ("test_dpo_loss", "harm_prob", "harmful_rate"):
+                diffs = [r[metric] - dpo[r["seed"]][metric] for r in members if r["seed"] in dpo]
+                row[f"vs_dpo_{metric}"] = sum(diffs) / len(diffs) if diffs else math.nan
+                low, high = paired_bootstrap_ci(diffs, min_pairs=min_seeds)
+                row[f"vs_dpo_{metric}_lo"], row[f"vs_dpo_{metric}_hi"] = low, high
         if row["method"].startswith("u2a-"):
             for metric in ("J", "test_dpo_loss", "harm_prob", "harmful_rate"):
                 diffs = [r[metric] - defaults[r["seed"]][metric] for r in members if r["seed"] in defaults]
@@ -163,22 +197,38 @@ def main(argv=None) -> int:
     parser.add_argument("--min-seeds", type=int, default=3, help="Fewest seeds that get a bounded interval.")
     parser.add_argument("--out", default="bench-base-rates")
     parser.add_argument("--report-only", action="store_true", help="Pool the results there are; run nothing.")
+    parser.add_argument(
+        "--alignment-pairs", type=int, help="U2A gets this many of the 80 alignment pairs (DemoConfig.alignment_pairs)."
+    )
+    parser.add_argument(
+        "--dpo-pairs", action="store_true", help="Also run TRL's DPO on the alignment pairs alone (demo: dpo-pairs)."
+    )
     args = parser.parse_args(argv)
     common.set_threads(1)
     summary = {}
     for share in args.shares:
         results = run_share(
-            share, args.seeds, args.settings, args.losses, args.variants, args.out, run=not args.report_only
+            share,
+            args.seeds,
+            args.settings,
+            args.losses,
+            args.variants,
+            args.out,
+            run=not args.report_only,
+            alignment_pairs=args.alignment_pairs,
+            dpo_pairs=args.dpo_pairs,
         )
         rows = pooled(results, args.min_seeds)
         summary[f"{share:g}"] = rows
         seeds = sorted({r["seed"] for res in results for r in res["runs"]})
-        print(f"\nharmful share {share:g}, seeds {seeds}")
+        pairs = f"{args.alignment_pairs} alignment pairs" if args.alignment_pairs else "80 alignment pairs"
+        print(f"\nharmful share {share:g}, {pairs}, seeds {seeds}")
         print(
             "setting | loss | method | recovered harm | recovered harm prob | recovered J | recovered test J | "
             "d harmful rate | "
             "precision | coverage | "
-            "time vs uniform | initial pass | later refreshes | vs defaults: d J | d test J | d harm prob"
+            "time vs uniform | initial pass | later refreshes | vs defaults: d J | d test J | d harm prob | "
+            "vs dpo-pairs: d test J | d harm prob | d harmful rate"
         )
         for row in rows:
             if row["method"] in ("start", "uniform"):
@@ -190,9 +240,12 @@ def main(argv=None) -> int:
                 f"{row.get('sel_harmful', math.nan):.2f} | "
                 f"{row['coverage']:.2f} | {row['time_vs_uniform']:.2f}x | {row['initial_pass_multiple']:.2f}x | "
                 f"{row['reweight_share']:.1%} | {_fmt(row, 'vs_u2a_J', 3)} | "
-                f"{_fmt(row, 'vs_u2a_test_dpo_loss', 3)} | {_fmt(row, 'vs_u2a_harm_prob', 3)}"
+                f"{_fmt(row, 'vs_u2a_test_dpo_loss', 3)} | {_fmt(row, 'vs_u2a_harm_prob', 3)} | "
+                f"{_fmt(row, 'vs_dpo_test_dpo_loss', 3)} | {_fmt(row, 'vs_dpo_harm_prob', 3)} | "
+                f"{_fmt(row, 'vs_dpo_harmful_rate', 3)}"
             )
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
+    name = f"summary-p{args.alignment_pairs}.json" if args.alignment_pairs else "summary.json"
+    with open(os.path.join(args.out, name), "w") as f:
         json.dump(common_jsonable(summary), f, indent=1)
     return 0
 

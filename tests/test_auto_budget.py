@@ -1,6 +1,7 @@
 """`auto_budget`: the initial pass sets the budget from its own scores (Otsu's threshold, capped by `budget`)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from datasets import Dataset
 from test_refresh_controller import LoopHost, _args, loop_controller, tokenized_pairs
 
 from trl_u2a import data as u2a_data
-from trl_u2a.core.auto_budget import auto_budget_count, otsu_threshold
+from trl_u2a.core.auto_budget import AUTO_BUDGET_FLOOR, auto_budget_count, otsu_threshold
 
 
 def test_otsu_threshold_splits_two_groups_at_the_upper_one():
@@ -33,6 +34,19 @@ def test_auto_budget_counts_positive_scores_above_the_threshold_within_the_cap()
     few = torch.cat([torch.full((15,), 10.0), torch.zeros(85)])
     many = torch.cat([torch.full((50,), 10.0), torch.zeros(50)])
     assert (auto_budget_count(few, cap=100), auto_budget_count(many, cap=100)) == (15, 50)
+
+
+def test_auto_budget_never_falls_below_its_floor_on_a_heavy_tail():
+    # One outlier among 199 scores spread over [1, 3]: Otsu's cut isolates the outlier alone
+    scores = torch.cat([torch.tensor([500.0]), torch.linspace(1.0, 3.0, 199)])
+    assert otsu_threshold(scores) == 500.0
+    floor = math.ceil(AUTO_BUDGET_FLOOR * 200)
+    assert floor == 10 and auto_budget_count(scores, cap=50) == floor
+    # The floor yields to the cap
+    assert auto_budget_count(scores, cap=4) == 4
+    # A group above the floor is kept as found
+    scores = torch.cat([torch.full((30,), 9.0), torch.linspace(-1.0, 1.0, 170)])
+    assert auto_budget_count(scores, cap=50) == 30
 
 
 def test_the_initial_pass_sets_the_budget_and_keeps_it(tiny_model_path, tokenizer, tmp_path):
@@ -73,3 +87,25 @@ def test_the_model_card_names_the_budget_the_initial_pass_found():
     assert _budget(trainer(37)) == "37, set by auto_budget; cap 234"
     assert _budget(trainer(None)) == "234"
     assert _budget(SimpleNamespace(budget=59, refresh_callback=None)) == "59"  # no alignment set: no controller
+
+
+def test_the_package_default_sets_the_budget_from_the_initial_pass(tiny_model_path, tmp_path):
+    """No `auto_budget` given: the initial pass's count, capped by `budget`, is what the run selects."""
+    from conftest import cpu_args
+
+    from trl_u2a import U2ATrainer
+
+    negatives = Dataset.from_dict({"prompt": PROMPTS + PROMPTS, "completion": REJECTED + CHOSEN})
+    alignment = Dataset.from_dict({"prompt": PROMPTS, "chosen": CHOSEN, "rejected": REJECTED})
+    args = cpu_args(tmp_path, loss_type="ga", budget=1.0, max_steps=2, reweight_steps=1)
+    trainer = U2ATrainer(model=tiny_model_path, args=args, train_dataset=negatives, alignment_dataset=alignment)
+    trainer.train()
+    first = trainer.refresh_callback.history[0]
+    rows = [json.loads(line) for line in (tmp_path / "u2a_trace.jsonl").read_text().splitlines()]
+    scores = torch.tensor(
+        [r["score"] for r in sorted((r for r in rows if r["refresh"] == 0), key=lambda r: r["example_id"])]
+    )
+    assert (
+        first["budget"] == auto_budget_count(scores, cap=len(negatives)) == trainer.refresh_callback.controller.budget
+    )
+    assert first["n_selected"] <= first["budget"] < len(negatives)

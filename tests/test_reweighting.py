@@ -197,6 +197,7 @@ def test_refresh_cost_is_recorded_and_only_a_fixed_cadence_over_the_bound_warns(
         reweight_overhead=0.5,
         max_steps=12,
         budget=6,
+        auto_budget=False,  # exactly 6 selected, so that each refresh's row passes are known
         per_device_train_batch_size=4,
         pa_samples=2,
         pool_size=2,
@@ -357,6 +358,7 @@ def test_precision_holds_when_the_preconditioner_changes_between_refreshes(tiny_
         tmp_path,
         loss_type=loss_type,
         budget=6,
+        auto_budget=False,  # 6 selected, each scored in training before the second refresh
         reweight_steps=2,
         max_steps=6,
         weight_lr=0.0,

@@ -308,7 +308,7 @@ def test_saved_model_carries_a_u2a_model_card(tiny_model_path, tmp_path, prefere
     alignment = Dataset.from_dict({"prompt": PROMPTS, "chosen": CHOSEN, "rejected": REJECTED})
     trainer = U2ATrainer(
         model=tiny_model_path,
-        args=cpu_args(tmp_path / "run", loss_type="npo", budget=3, reweight_steps=1, max_steps=2),
+        args=cpu_args(tmp_path / "run", loss_type="npo", budget=3, auto_budget=False, reweight_steps=1, max_steps=2),
         train_dataset=preference_dataset,
         alignment_dataset=alignment,
     )
