@@ -2,6 +2,7 @@
 with a few dozen preference pairs would compare U2A with."""
 
 import pytest
+from test_demo_base_rate import demo_cli_config
 
 from trl_u2a import demo
 from trl_u2a.demo import DemoConfig
@@ -42,21 +43,9 @@ def test_more_alignment_pairs_than_the_task_has_is_refused():
 
 
 def test_cli_passes_alignment_pairs(monkeypatch, tmp_path):
-    from trl_u2a.scripts import demo as script
-
-    seen = {}
-
-    def fake_run_demo(config):
-        seen["config"] = config
-        raise SystemExit(0)
-
-    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
-    with pytest.raises(SystemExit):
-        script.cli(["--output_dir", str(tmp_path), "--full", "--alignment_pairs", "32"])
-    assert seen["config"].alignment_pairs == 32
-    with pytest.raises(SystemExit):
-        script.cli(["--output_dir", str(tmp_path)])
-    assert seen["config"].alignment_pairs is None
+    config = demo_cli_config(monkeypatch, ["--output_dir", str(tmp_path), "--full", "--alignment_pairs", "32"])
+    assert config.alignment_pairs == 32
+    assert demo_cli_config(monkeypatch, ["--output_dir", str(tmp_path)]).alignment_pairs is None
 
 
 def test_dpo_pairs_is_planned_once_per_setting_and_trains_on_the_alignment_pairs_alone(monkeypatch, tmp_path):

@@ -26,7 +26,8 @@ def test_harmful_share_out_of_range_is_refused(share):
         DemoConfig(harmful_share=share)
 
 
-def test_cli_passes_harmful_share(monkeypatch, tmp_path):
+def demo_cli_config(monkeypatch, argv: list[str]) -> DemoConfig:
+    """The DemoConfig that `trl-u2a demo ARGV` would run (run_demo replaced by a stub)."""
     from trl_u2a.scripts import demo as script
 
     seen = {}
@@ -37,11 +38,14 @@ def test_cli_passes_harmful_share(monkeypatch, tmp_path):
 
     monkeypatch.setattr(demo, "run_demo", fake_run_demo)
     with pytest.raises(SystemExit):
-        script.cli(["--output_dir", str(tmp_path), "--full", "--harmful_share", "0.15"])
-    assert seen["config"].harmful_share == 0.15 and seen["config"].negative_kinds()["harmful"] == 0.15
-    with pytest.raises(SystemExit):
-        script.cli(["--output_dir", str(tmp_path), "--full"])
-    assert seen["config"].harmful_share is None
+        script.cli(argv)
+    return seen["config"]
+
+
+def test_cli_passes_harmful_share(monkeypatch, tmp_path):
+    config = demo_cli_config(monkeypatch, ["--output_dir", str(tmp_path), "--full", "--harmful_share", "0.15"])
+    assert config.harmful_share == 0.15 and config.negative_kinds()["harmful"] == 0.15
+    assert demo_cli_config(monkeypatch, ["--output_dir", str(tmp_path), "--full"]).harmful_share is None
 
 
 def test_named_variants_are_planned_and_checked():
