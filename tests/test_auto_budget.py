@@ -1,6 +1,7 @@
 """`auto_budget`: the initial pass sets the budget from its own scores (Otsu's threshold, capped by `budget`)."""
 
 import json
+import logging
 import math
 
 import pytest
@@ -89,8 +90,9 @@ def test_the_model_card_names_the_budget_the_initial_pass_found():
     assert _budget(SimpleNamespace(budget=59, refresh_callback=None)) == "59"  # no alignment set: no controller
 
 
-def test_the_package_default_sets_the_budget_from_the_initial_pass(tiny_model_path, tmp_path):
-    """No `auto_budget` given: the initial pass's count, capped by `budget`, is what the run selects."""
+def test_the_package_default_sets_the_budget_from_the_initial_pass(tiny_model_path, tmp_path, caplog):
+    """No `auto_budget` given: the initial pass's count, capped by `budget`, is what the run selects, and the log
+    says so (a user who set a count sees why fewer are selected)."""
     from conftest import cpu_args
 
     from trl_u2a import U2ATrainer
@@ -99,7 +101,8 @@ def test_the_package_default_sets_the_budget_from_the_initial_pass(tiny_model_pa
     alignment = Dataset.from_dict({"prompt": PROMPTS, "chosen": CHOSEN, "rejected": REJECTED})
     args = cpu_args(tmp_path, loss_type="ga", budget=1.0, max_steps=2, reweight_steps=1)
     trainer = U2ATrainer(model=tiny_model_path, args=args, train_dataset=negatives, alignment_dataset=alignment)
-    trainer.train()
+    with caplog.at_level(logging.INFO, logger="trl_u2a"):
+        trainer.train()
     first = trainer.refresh_callback.history[0]
     rows = [json.loads(line) for line in (tmp_path / "u2a_trace.jsonl").read_text().splitlines()]
     scores = torch.tensor(
@@ -109,3 +112,5 @@ def test_the_package_default_sets_the_budget_from_the_initial_pass(tiny_model_pa
         first["budget"] == auto_budget_count(scores, cap=len(negatives)) == trainer.refresh_callback.controller.budget
     )
     assert first["n_selected"] <= first["budget"] < len(negatives)
+    said = f"the initial pass sets the budget to {first['budget']} of {len(negatives)} negatives"
+    assert sum(said in message for message in caplog.messages) == 1

@@ -268,6 +268,12 @@ class RefreshController:
         if args.auto_budget and self.refresh_index == 0:
             self.auto_budget = auto_budget_count(scores, host.budget)
             record["budget"] = self.auto_budget
+            self._say(
+                logging.INFO,
+                f"U2A: the initial pass sets the budget to {self.auto_budget} of {len(scores)} negatives (auto_budget: "
+                f"the positive scores at or above their Otsu threshold, at most budget={host.budget}); later "
+                "refreshes keep it. auto_budget=False selects exactly budget.",
+            )
         new_state, info = refresh_weights(
             host.weight_state,
             ids,
