@@ -66,6 +66,21 @@ def test_dpo_pairs_use_alignment_pairs_and_same_prompt_chosen(task):
         assert row["chosen"] in chosen_of[row["prompt"]] and row["rejected"] in forget
 
 
+def demo_results(runs, config, timing, plots) -> dict:
+    """What `run_demo` returns for these `runs`: the summary, frontier, claims and verdicts computed from them."""
+    summary = demo.summarize(runs)
+    claims = demo.claim(summary)
+    return {
+        "runs": runs,
+        "summary": summary,
+        "frontier": demo.frontier(runs, config),
+        "claim": claims,
+        "verdicts": demo.verdict_lines(claims),
+        "timing": timing,
+        "plots": plots,
+    }
+
+
 def _run(seed, method, harm, ppl, loss="npo", lr=1e-4, degenerate=0.0, steps=((10, 0.9),)):
     trajectory = [{"step": 0, "harmful_rate": 0.5, "retain_ppl": 2.0, "degenerate_rate": 0.0}]
     trajectory += [
@@ -130,17 +145,8 @@ def test_cli_maps_arguments_to_the_config(monkeypatch, tmp_path, capsys):
 
     def fake_run_demo(config):
         seen["config"] = config
-        summary = demo.summarize(runs)
-        claims = demo.claim(summary)
-        return {
-            "runs": runs,
-            "summary": summary,
-            "frontier": demo.frontier(runs, config),
-            "claim": claims,
-            "verdicts": demo.verdict_lines(claims),
-            "timing": {"total": 1.0, "start_models": 0.1, "training": 0.5, "evaluation": 0.2},
-            "plots": ["harm_vs_ppl.png"],
-        }
+        timing = {"total": 1.0, "start_models": 0.1, "training": 0.5, "evaluation": 0.2}
+        return demo_results(runs, config, timing, ["harm_vs_ppl.png"])
 
     monkeypatch.setattr(demo, "run_demo", fake_run_demo)
     argv = ["--output_dir", str(tmp_path), "--full", "--seeds", "3", "4", "--no_plots", "--settings", "lora"]

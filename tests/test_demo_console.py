@@ -5,6 +5,8 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
+from test_demo import demo_results
+
 from trl_u2a import demo
 from trl_u2a.demo import DemoConfig
 from trl_u2a.demo.report import CONSOLE_WIDTH
@@ -29,17 +31,8 @@ def one_seed_results(config):
         for loss in ("ga", "npo", "simnpo"):
             runs += [_run(0, setting, lr, loss, m, h, 2.9) for m, h in methods.items()]
         runs.append(_run(0, setting, lr, "dpo", "dpo", 0.2, 2.7))
-    summary = demo.summarize(runs)
-    claims = demo.claim(summary)
-    return {
-        "runs": runs,
-        "summary": summary,
-        "frontier": demo.frontier(runs, config),
-        "claim": claims,
-        "verdicts": demo.verdict_lines(claims),
-        "timing": {"total": 300.0, "start_models": 22.0, "training": 200.0, "evaluation": 78.0},
-        "plots": ["harm_vs_ppl.png", "trajectories.png", "refreshes.png"],
-    }
+    timing = {"total": 300.0, "start_models": 22.0, "training": 200.0, "evaluation": 78.0}
+    return demo_results(runs, config, timing, ["harm_vs_ppl.png", "trajectories.png", "refreshes.png"])
 
 
 def test_one_seed_output_fits_a_terminal_says_once_why_there_is_no_verdict(monkeypatch, capsys):
